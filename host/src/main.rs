@@ -1,0 +1,14 @@
+//! `scalpel`: the host program. It loads analyzers and strategies as plugins and applies them to models.
+
+mod cli;
+mod cuda;
+mod plugins;
+
+fn main() {
+    // Before anything touches libtorch's dispatcher, so that `--device cuda` can work.
+    cuda::init();
+    if let Err(e) = cli::run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,209 @@
+//! Finding, loading and calling plugins.
+//!
+//! A plugin is a file `libscalpel_plugin_<name>.so`. The search path is, in order: the folder of the
+//! `scalpel` binary and its `plugins/` subfolder (the built-in set), every folder of
+//! `SCALPEL_PLUGIN_PATH` (colon-separated), then every `--plugins DIR`. A library that fails to
+//! load is reported with the reason and the fix, and the others load anyway.
+
+use anyhow::{anyhow, bail, Context, Result};
+use scalpel_sdk::abi::{self, ItemManifest, LibraryError, Manifest, PluginRef};
+use scalpel_sdk::{ItemKind, ModelSource};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const FILE_PREFIX: &str = "libscalpel_plugin_";
+
+pub struct Plugin {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    module: PluginRef,
+}
+
+/// One analyzer or strategy, with the plugin that provides it.
+pub struct ItemRef<'a> {
+    pub plugin: &'a Plugin,
+    pub item: &'a ItemManifest,
+}
+
+/// A library that could not be used, or a clash between libraries.
+#[derive(Debug)]
+pub struct Problem {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    pub plugins: Vec<Plugin>,
+    pub problems: Vec<Problem>,
+    /// item name -> (plugin index, item index)
+    items: BTreeMap<String, (usize, usize)>,
+}
+
+/// The folders searched, in order.
+pub fn search_path(extra: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        dirs.push(exe_dir.join("plugins"));
+        dirs.push(exe_dir);
+    }
+    if let Some(path) = std::env::var_os("SCALPEL_PLUGIN_PATH") {
+        dirs.extend(std::env::split_paths(&path).filter(|p| !p.as_os_str().is_empty()));
+    }
+    dirs.extend(extra.iter().cloned());
+    dirs
+}
+
+impl Registry {
+    /// Loads every plugin on the search path.
+    pub fn load(dirs: &[PathBuf]) -> Self {
+        let mut reg = Registry::default();
+        let mut seen = Vec::new();
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    let name = p.file_name().unwrap_or_default().to_string_lossy();
+                    name.starts_with(FILE_PREFIX) && name.ends_with(".so")
+                })
+                .collect();
+            files.sort();
+            for path in files {
+                let canonical = path.canonicalize().unwrap_or_else(|_| path.clone());
+                if seen.contains(&canonical) {
+                    continue;
+                }
+                seen.push(canonical);
+                match load_plugin(&path) {
+                    Ok(plugin) => reg.add(plugin),
+                    Err(e) => reg.problems.push(Problem { path, message: format!("{e:#}") }),
+                }
+            }
+        }
+        reg
+    }
+
+    fn add(&mut self, plugin: Plugin) {
+        let index = self.plugins.len();
+        for (i, item) in plugin.manifest.items.iter().enumerate() {
+            if let Some(&(other, _)) = self.items.get(&item.name) {
+                let first = &self.plugins[other].path;
+                self.problems.push(Problem {
+                    path: plugin.path.clone(),
+                    message: format!(
+                        "item `{}` is exported by both {} and {}: remove one of the two files from the plugin path, \
+                         or rename the item in one of them",
+                        item.name,
+                        first.display(),
+                        plugin.path.display()
+                    ),
+                });
+                continue;
+            }
+            self.items.insert(item.name.clone(), (index, i));
+        }
+        self.plugins.push(plugin);
+    }
+
+    pub fn items(&self) -> impl Iterator<Item = ItemRef<'_>> {
+        self.items.values().map(|&(p, i)| ItemRef { plugin: &self.plugins[p], item: &self.plugins[p].manifest.items[i] })
+    }
+
+    /// The item called `name`, of the given kind when one is given.
+    pub fn get(&self, name: &str, kind: Option<ItemKind>) -> Result<ItemRef<'_>> {
+        let clash = self.problems.iter().find(|p| p.message.starts_with(&format!("item `{name}` ")));
+        let Some(&(p, i)) = self.items.get(name) else {
+            if let Some(clash) = clash {
+                bail!("{}", clash.message);
+            }
+            let known: Vec<&str> =
+                self.items().filter(|it| kind.is_none_or(|k| it.item.kind == k)).map(|it| it.item.name.as_str()).collect();
+            let what = kind.map_or("item".to_string(), |k| k.to_string());
+            bail!("no {what} called `{name}` is loaded (known: {}); `scalpel plugins` lists them", known.join(", "));
+        };
+        if let Some(clash) = clash {
+            bail!("{}", clash.message);
+        }
+        let it = ItemRef { plugin: &self.plugins[p], item: &self.plugins[p].manifest.items[i] };
+        if let Some(kind) = kind {
+            if it.item.kind != kind {
+                bail!("`{name}` is a {}, not a {kind}", it.item.kind);
+            }
+        }
+        Ok(it)
+    }
+}
+
+impl ItemRef<'_> {
+    /// Runs the item through the plugin boundary. A panic or error inside the plugin comes back as an
+    /// error naming the plugin and the item.
+    pub fn call(&self, model: &dyn ModelSource, config: &serde_json::Value, reports: &serde_json::Value) -> Result<serde_json::Value> {
+        let out = abi::call_item(self.plugin.module, &self.item.name, model, &config.to_string(), &reports.to_string())
+            .with_context(|| format!("{} `{}` (plugin {}) failed", self.item.kind, self.item.name, self.plugin.manifest.plugin))?;
+        serde_json::from_str(&out).with_context(|| format!("`{}` returned malformed JSON", self.item.name))
+    }
+}
+
+/// Loads one plugin library and checks that it was built for this host.
+pub fn load_plugin(path: &Path) -> Result<Plugin> {
+    ensure_root_module_symbol(path)?;
+    let header = abi::lib_header_from_path(path).map_err(|e| explain(path, e))?;
+    let module = header.init_root_module::<PluginRef>().map_err(|e| explain(path, e))?;
+    let manifest = abi::read_manifest(module).with_context(|| format!("{}: reading its manifest failed", path.display()))?;
+    check_fingerprint(&manifest).with_context(|| format!("{} (plugin {} {})", path.display(), manifest.plugin, manifest.version))?;
+    Ok(Plugin { path: path.to_path_buf(), manifest, module })
+}
+
+/// A library without the root-module symbol is not a scalpel plugin; say so plainly.
+fn ensure_root_module_symbol(path: &Path) -> Result<()> {
+    // SAFETY: loading runs the library's initialisers; plugin files are trusted code by design.
+    let lib = unsafe { libloading::Library::new(path) }
+        .map_err(|e| anyhow!("{}: cannot be loaded as a shared library: {e}", path.display()))?;
+    let has_root = unsafe { lib.get::<*const ()>(abi_stable::library::ROOT_MODULE_LOADER_NAME_WITH_NUL.as_bytes()) }.is_ok();
+    std::mem::forget(lib); // never unload: see scalpel_sdk::abi
+    if !has_root {
+        bail!(
+            "{}: not a scalpel plugin (it exports no scalpel root module); a plugin crate must be a cdylib \
+             that depends on scalpel-sdk and writes `scalpel_sdk::export_plugin!();`",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn explain(path: &Path, e: LibraryError) -> anyhow::Error {
+    let fix = format!("rebuild it against scalpel-sdk {}", scalpel_sdk::SDK_VERSION);
+    match e {
+        LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => anyhow!(
+            "{}: built against scalpel-sdk {actual_version}, but this host speaks scalpel-sdk {expected_version}: {fix}",
+            path.display()
+        ),
+        LibraryError::AbiInstability(details) => {
+            let details = details.to_string();
+            let first: Vec<&str> = details.lines().filter(|l| !l.trim().is_empty()).take(6).collect();
+            anyhow!(
+                "{}: its plugin interface has a different layout from this host's (built against another scalpel-sdk?): \
+                 {fix}.\n  abi_stable says:\n    {}",
+                path.display(),
+                first.join("\n    ")
+            )
+        }
+        other => anyhow!("{}: {}", path.display(), other.to_string().trim()),
+    }
+}
+
+fn check_fingerprint(m: &Manifest) -> Result<()> {
+    let fix = "rebuild the plugin against this host's scalpel-sdk (see `scalpel --version`)";
+    if m.tch != scalpel_sdk::TCH_VERSION {
+        bail!("built with tch {}, this host uses tch {}: {fix}", m.tch, scalpel_sdk::TCH_VERSION);
+    }
+    if m.libtorch != scalpel_sdk::LIBTORCH_VERSION {
+        bail!(
+            "built for libtorch {}, this host runs libtorch {}; tensors cannot cross between them: {fix}",
+            m.libtorch,
+            scalpel_sdk::LIBTORCH_VERSION
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! # scalpel-sdk: write analyzers and surgery strategies for scalpel
+//!
+//! A plugin is a `cdylib` crate. Its author needs a handful of nouns and two verbs:
+//!
+//! | noun | what it is |
+//! |---|---|
+//! | [`Model`] | a read-only view of the model being operated on: its shape ([`ModelInfo`]), its weights, and on demand the attention probabilities and hidden states of each layer over the calibration windows |
+//! | [`Report`] | what an analyzer found: named metrics per layer (and per head), plus notes |
+//! | [`Plan`] | what a strategy wants done: output layer `j` is a copy of input layer `i`, plus per-layer edits |
+//! | [`Reports`] | the reports of earlier steps, by analyzer name, for strategies that choose from evidence |
+//! | a config | an ordinary `serde` + `schemars` struct with `Default`; its doc comments become `scalpel describe` |
+//!
+//! | verb | trait |
+//! |---|---|
+//! | analyze | [`Analyzer::analyze`] |
+//! | plan | [`Strategy::plan`] |
+//!
+//! Register each item with [`analyzer!`] or [`strategy!`] (its doc comment becomes its description), and
+//! write [`export_plugin!`] once per crate. Nothing else: the stable ABI lives in the `abi` module and never
+//! shows in plugin code. A panic or error inside an item becomes an error naming the plugin and the item;
+//! the host carries on.
+//!
+//! ```no_run
+//! use scalpel_sdk::prelude::*;
+//!
+//! /// Settings of `layer-count`.
+//! #[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
+//! #[serde(default)]
+//! pub struct LayerCountConfig {
+//!     /// Multiply the count by this.
+//!     pub scale: f64,
+//! }
+//!
+//! pub struct LayerCount;
+//!
+//! impl Analyzer for LayerCount {
+//!     type Config = LayerCountConfig;
+//!     fn analyze(&self, model: &Model, config: &LayerCountConfig) -> Result<Report> {
+//!         let n = model.info().layers as f64;
+//!         Ok(Report::new().note(format!("{} layers", n * config.scale)))
+//!     }
+//! }
+//!
+//! scalpel_sdk::analyzer! {
+//!     /// Counts the layers of the model.
+//!     "layer-count" => LayerCount
+//! }
+//! scalpel_sdk::export_plugin!();
+//! ```
+
+#[allow(non_local_definitions, non_camel_case_types)]
+pub mod abi;
+mod model;
+mod plan;
+mod registry;
+mod report;
+
+pub use model::{Calibration, Model, ModelInfo, ModelSource};
+pub use plan::{Edit, LayerSource, Plan};
+pub use registry::{Item, ItemKind};
+pub use report::{Metric, Report, Reports};
+
+/// What every fallible SDK call returns; any error type converts into it with `?`.
+pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
+pub use anyhow::{anyhow, bail, ensure, Context, Error};
+
+/// The SDK's own version: a plugin built against another minor version (0.x) is refused.
+pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The `tch` crate every plugin and the host must share (they share one libtorch).
+pub const TCH_VERSION: &str = "0.24.0";
+/// The libtorch release that `tch` [`TCH_VERSION`] binds.
+pub const LIBTORCH_VERSION: &str = "2.11.0";
+
+/// A config struct: deserialised from the user's `--set key=value` pairs or recipe table, described
+/// to users from its JSON schema (doc comments become help text, `Default` gives the defaults).
+pub trait Config: serde::de::DeserializeOwned + serde::Serialize + schemars::JsonSchema + Default {}
+impl<T: serde::de::DeserializeOwned + serde::Serialize + schemars::JsonSchema + Default> Config for T {}
+
+/// Looks at a model and reports what it finds. The first verb.
+pub trait Analyzer: Sync + 'static {
+    type Config: Config;
+    fn analyze(&self, model: &Model, config: &Self::Config) -> Result<Report>;
+}
+
+/// Decides what to cut, repeat or insert, as a [`Plan`] the host validates, composes and writes. The second verb.
+pub trait Strategy: Sync + 'static {
+    type Config: Config;
+    fn plan(&self, model: &Model, config: &Self::Config, reports: &Reports) -> Result<Plan>;
+}
+
+/// Everything a plugin file needs in one `use`.
+pub mod prelude {
+    pub use crate::{
+        anyhow, bail, ensure, Analyzer, Context, Edit, LayerSource, Metric, Model, ModelInfo, Plan, Report,
+        Reports, Result, Strategy,
+    };
+    pub use schemars::JsonSchema;
+    pub use serde::{Deserialize, Serialize};
+    pub use tch::{self, Device, Kind, Tensor};
+}
+
+/// Registers an analyzer under a kebab-case name; its doc comment is its description.
+///
+/// ```ignore
+/// scalpel_sdk::analyzer! {
+///     /// Counts the layers of the model.
+///     "layer-count" => LayerCount
+/// }
+/// ```
+#[macro_export]
+macro_rules! analyzer {
+    ($(#[doc = $doc:literal])* $name:literal => $item:expr) => {
+        $crate::__private::inventory::submit! {
+            $crate::Item::analyzer($name, concat!($($doc, "\n",)*), &$crate::__private::AsAnalyzer($item))
+        }
+    };
+}
+
+/// Registers a strategy under a kebab-case name; its doc comment is its description.
+#[macro_export]
+macro_rules! strategy {
+    ($(#[doc = $doc:literal])* $name:literal => $item:expr) => {
+        $crate::__private::inventory::submit! {
+            $crate::Item::strategy($name, concat!($($doc, "\n",)*), &$crate::__private::AsStrategy($item))
+        }
+    };
+}
+
+/// Makes this crate a scalpel plugin. Write it once, at the crate root.
+#[macro_export]
+macro_rules! export_plugin {
+    () => {
+        $crate::export_plugin!(@libtorch $crate::LIBTORCH_VERSION);
+    };
+    // For test fixtures that must claim another libtorch; not for plugin authors.
+    (@libtorch $libtorch:expr) => {
+        $crate::__private::inventory::submit! {
+            $crate::abi::PluginIdentity {
+                name: env!("CARGO_PKG_NAME"),
+                version: env!("CARGO_PKG_VERSION"),
+                libtorch: $libtorch,
+            }
+        }
+    };
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::registry::{AsAnalyzer, AsStrategy};
+    pub use inventory;
+}

@@ -1,0 +1,135 @@
+//! What strategies return: a layer map (output block `j` is a copy of input block `from`) plus edits.
+//! Plans compose, validate, print as a dry run, and are written once by the host.
+
+use crate::Result;
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Output block `j` comes from input block `layers[j].from`.
+    pub layers: Vec<LayerSource>,
+    /// Non-block parts to initialise afresh instead of inheriting, by role: `final_norm`, `position_embedding`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reinit: Vec<String>,
+    /// Why: the rule applied and its evidence. Shown by `--dry-run`, kept in the output's record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerSource {
+    pub from: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edits: Vec<Edit>,
+}
+
+/// A change applied to one copied block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Edit {
+    /// Zero the block's output projections (attention output and MLP down-projection), so the block
+    /// adds nothing to the residual stream at first: the model's function is unchanged (LLaMA Pro).
+    ZeroOutput,
+}
+
+impl Plan {
+    /// Every block kept, in order.
+    pub fn identity(layers: usize) -> Self {
+        Self::ranges(&[0..layers])
+    }
+
+    /// The blocks of each half-open range, concatenated (mergekit's `passthrough` slices).
+    pub fn ranges(ranges: &[Range<usize>]) -> Self {
+        let layers = ranges.iter().flat_map(|r| r.clone()).map(|from| LayerSource { from, edits: vec![] }).collect();
+        Plan { layers, ..Self::default() }
+    }
+
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.notes.push(note.into());
+        self
+    }
+
+    /// The source block of each output block.
+    pub fn sources(&self) -> Vec<usize> {
+        self.layers.iter().map(|l| l.from).collect()
+    }
+
+    /// `next` applied to the output of `self`: `next`'s indices refer to `self`'s output blocks.
+    pub fn then(&self, next: &Plan) -> Result<Plan> {
+        next.validate(self.layers.len())?;
+        let layers = next
+            .layers
+            .iter()
+            .map(|l| {
+                let inner = &self.layers[l.from];
+                let mut edits = inner.edits.clone();
+                for e in &l.edits {
+                    if !edits.contains(e) {
+                        edits.push(*e);
+                    }
+                }
+                LayerSource { from: inner.from, edits }
+            })
+            .collect();
+        let mut reinit = self.reinit.clone();
+        reinit.extend(next.reinit.iter().filter(|r| !self.reinit.contains(r)).cloned());
+        let notes = self.notes.iter().chain(&next.notes).cloned().collect();
+        Ok(Plan { layers, reinit, notes })
+    }
+
+    /// At least one block, every source inside a model of `input_layers` blocks.
+    pub fn validate(&self, input_layers: usize) -> Result<()> {
+        crate::ensure!(!self.layers.is_empty(), "the plan keeps no layer: a model needs at least one");
+        if let Some((j, l)) = self.layers.iter().enumerate().find(|(_, l)| l.from >= input_layers) {
+            crate::bail!("output layer {j} would come from layer {}, but the model has layers 0..{input_layers}", l.from);
+        }
+        const ROLES: [&str; 2] = ["final_norm", "position_embedding"];
+        if let Some(r) = self.reinit.iter().find(|r| !ROLES.contains(&r.as_str())) {
+            crate::bail!("cannot re-initialise `{r}`: known parts are {}", ROLES.join(", "));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_concatenate_half_open_slices() {
+        assert_eq!(Plan::ranges(&[0..3, 1..3]).sources(), vec![0, 1, 2, 1, 2]);
+    }
+
+    #[test]
+    fn composition_maps_through_the_first_plan() {
+        let stack = Plan::ranges(&[0..2, 0..2]); // 0 1 0 1
+        let cut = Plan::ranges(&[1..4]); // of those: 1 0 1
+        assert_eq!(stack.then(&cut).unwrap().sources(), vec![1, 0, 1]);
+    }
+
+    #[test]
+    fn edits_follow_their_block_through_composition() {
+        let mut grow = Plan::ranges(&[0..2, 1..2]);
+        grow.layers[2].edits.push(Edit::ZeroOutput);
+        let keep = Plan::ranges(&[1..3]);
+        let both = grow.then(&keep).unwrap();
+        assert_eq!(both.layers[1], LayerSource { from: 1, edits: vec![Edit::ZeroOutput] });
+        assert!(both.layers[0].edits.is_empty());
+    }
+
+    #[test]
+    fn validation_names_the_bad_index() {
+        let err = Plan::ranges(&[0..5]).validate(4).unwrap_err().to_string();
+        assert!(err.contains("output layer 4 would come from layer 4"), "{err}");
+        assert!(Plan::ranges(&[]).validate(4).unwrap_err().to_string().contains("no layer"));
+        let mut p = Plan::identity(2);
+        p.reinit.push("lm_head".into());
+        assert!(p.validate(2).unwrap_err().to_string().contains("lm_head"));
+    }
+
+    #[test]
+    fn composing_with_an_out_of_range_plan_fails() {
+        assert!(Plan::identity(2).then(&Plan::ranges(&[0..3])).is_err());
+    }
+}

@@ -1,0 +1,101 @@
+//! The items of one plugin library, collected with `inventory` from `analyzer!` / `strategy!`.
+
+use crate::{Analyzer, Config, Model, Reports, Result, Strategy};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ItemKind {
+    Analyzer,
+    Strategy,
+}
+
+impl std::fmt::Display for ItemKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ItemKind::Analyzer => "analyzer",
+            ItemKind::Strategy => "strategy",
+        })
+    }
+}
+
+/// A registered analyzer or strategy.
+pub struct Item {
+    pub name: &'static str,
+    pub kind: ItemKind,
+    pub doc: &'static str,
+    erased: &'static dyn Erased,
+}
+
+impl Item {
+    pub const fn analyzer(name: &'static str, doc: &'static str, erased: &'static dyn Erased) -> Self {
+        Item { name, kind: ItemKind::Analyzer, doc, erased }
+    }
+    pub const fn strategy(name: &'static str, doc: &'static str, erased: &'static dyn Erased) -> Self {
+        Item { name, kind: ItemKind::Strategy, doc, erased }
+    }
+    pub fn schema(&self) -> serde_json::Value {
+        self.erased.schema()
+    }
+}
+
+inventory::collect!(Item);
+
+pub(crate) fn items() -> impl Iterator<Item = &'static Item> {
+    inventory::iter::<Item>.into_iter()
+}
+
+pub(crate) fn run(name: &str, model: &Model, config: &str, reports: &str) -> Result<serde_json::Value> {
+    let item = items().find(|it| it.name == name).ok_or_else(|| crate::anyhow!("this plugin has no item `{name}`"))?;
+    let config: serde_json::Value = serde_json::from_str(config)?;
+    let reports: Reports = if reports.is_empty() { Reports::default() } else { serde_json::from_str(reports)? };
+    item.erased.run(model, config, &reports)
+}
+
+/// An analyzer or strategy with its config type erased.
+pub trait Erased: Sync {
+    fn schema(&self) -> serde_json::Value;
+    fn run(&self, model: &Model, config: serde_json::Value, reports: &Reports) -> Result<serde_json::Value>;
+}
+
+pub struct AsAnalyzer<A>(pub A);
+pub struct AsStrategy<S>(pub S);
+
+impl<A: Analyzer> Erased for AsAnalyzer<A> {
+    fn schema(&self) -> serde_json::Value {
+        schema::<A::Config>()
+    }
+    fn run(&self, model: &Model, config: serde_json::Value, _: &Reports) -> Result<serde_json::Value> {
+        let config = parse_config::<A::Config>(config)?;
+        Ok(serde_json::to_value(self.0.analyze(model, &config)?)?)
+    }
+}
+
+impl<S: Strategy> Erased for AsStrategy<S> {
+    fn schema(&self) -> serde_json::Value {
+        schema::<S::Config>()
+    }
+    fn run(&self, model: &Model, config: serde_json::Value, reports: &Reports) -> Result<serde_json::Value> {
+        let config = parse_config::<S::Config>(config)?;
+        Ok(serde_json::to_value(self.0.plan(model, &config, reports)?)?)
+    }
+}
+
+fn schema<C: Config>() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(C)).expect("a JSON schema serialises")
+}
+
+/// Deserialises a config, refusing keys the config does not have (a typo must not pass silently).
+fn parse_config<C: Config>(value: serde_json::Value) -> Result<C> {
+    let known = schema::<C>();
+    let known: Vec<&String> = known["properties"].as_object().map(|p| p.keys().collect()).unwrap_or_default();
+    if let Some(given) = value.as_object() {
+        for key in given.keys() {
+            if !known.contains(&key) {
+                let list: Vec<&str> = known.iter().map(|s| s.as_str()).collect();
+                crate::bail!("unknown config key `{key}`; known keys: {}", if list.is_empty() { "none".into() } else { list.join(", ") });
+            }
+        }
+    }
+    serde_json::from_value(value).map_err(|e| crate::anyhow!("bad config: {e}"))
+}
