@@ -49,8 +49,8 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     let _device = cuda::device(&cli.device)?;
     let registry = plugins::Registry::load(&plugins::search_path(&cli.plugin_dirs));
-    for p in &registry.problems {
-        eprintln!("warning: plugin skipped: {}", p.message);
+    for w in registry.warnings() {
+        eprintln!("warning: {w}");
     }
     match &cli.command {
         Command::Plugins => list_plugins(&registry, cli.json),

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const FILE_PREFIX: &str = "libscalpel_plugin_";
+const CLASH_FIX: &str = "remove one of the files from the plugin path, or rename the item in one of them";
 
 pub struct Plugin {
     pub path: PathBuf,
@@ -25,19 +26,15 @@ pub struct ItemRef<'a> {
     pub item: &'a ItemManifest,
 }
 
-/// A library that could not be used, or a clash between libraries.
-#[derive(Debug)]
-pub struct Problem {
-    pub path: PathBuf,
-    pub message: String,
-}
-
 #[derive(Default)]
 pub struct Registry {
     pub plugins: Vec<Plugin>,
-    pub problems: Vec<Problem>,
+    /// Libraries that could not be used, each with the reason and the fix.
+    pub problems: Vec<String>,
     /// item name -> (plugin index, item index)
     items: BTreeMap<String, (usize, usize)>,
+    /// Names exported by more than one library, with the message naming them.
+    clashes: BTreeMap<String, String>,
 }
 
 /// The folders searched, in order.
@@ -77,7 +74,7 @@ impl Registry {
                 seen.push(canonical);
                 match load_plugin(&path) {
                     Ok(plugin) => reg.add(plugin),
-                    Err(e) => reg.problems.push(Problem { path, message: format!("{e:#}") }),
+                    Err(e) => reg.problems.push(format!("{e:#}")),
                 }
             }
         }
@@ -87,23 +84,28 @@ impl Registry {
     fn add(&mut self, plugin: Plugin) {
         let index = self.plugins.len();
         for (i, item) in plugin.manifest.items.iter().enumerate() {
-            if let Some(&(other, _)) = self.items.get(&item.name) {
-                let first = &self.plugins[other].path;
-                self.problems.push(Problem {
-                    path: plugin.path.clone(),
-                    message: format!(
-                        "item `{}` is exported by both {} and {}: remove one of the two files from the plugin path, \
-                         or rename the item in one of them",
-                        item.name,
-                        first.display(),
-                        plugin.path.display()
-                    ),
-                });
-                continue;
+            if let Some(clash) = self.clashes.get_mut(&item.name) {
+                clash.push_str(&format!(" and {}", plugin.path.display()));
+            } else if let Some((other, _)) = self.items.remove(&item.name) {
+                // Ambiguous: neither copy is served until one is removed.
+                let message = format!(
+                    "item `{}` is exported by both {} and {}",
+                    item.name,
+                    self.plugins[other].path.display(),
+                    plugin.path.display()
+                );
+                self.clashes.insert(item.name.clone(), message);
+            } else {
+                self.items.insert(item.name.clone(), (index, i));
             }
-            self.items.insert(item.name.clone(), (index, i));
         }
         self.plugins.push(plugin);
+    }
+
+    /// Everything worth a warning: libraries that failed to load, and names exported twice.
+    pub fn warnings(&self) -> Vec<String> {
+        let failed = self.problems.iter().map(|p| format!("plugin skipped: {p}"));
+        failed.chain(self.clashes.values().map(|c| format!("{c}; neither is used: {CLASH_FIX}"))).collect()
     }
 
     pub fn items(&self) -> impl Iterator<Item = ItemRef<'_>> {
@@ -112,19 +114,15 @@ impl Registry {
 
     /// The item called `name`, of the given kind when one is given.
     pub fn get(&self, name: &str, kind: Option<ItemKind>) -> Result<ItemRef<'_>> {
-        let clash = self.problems.iter().find(|p| p.message.starts_with(&format!("item `{name}` ")));
+        if let Some(clash) = self.clashes.get(name) {
+            bail!("{clash}: {CLASH_FIX}");
+        }
         let Some(&(p, i)) = self.items.get(name) else {
-            if let Some(clash) = clash {
-                bail!("{}", clash.message);
-            }
             let known: Vec<&str> =
                 self.items().filter(|it| kind.is_none_or(|k| it.item.kind == k)).map(|it| it.item.name.as_str()).collect();
             let what = kind.map_or("item".to_string(), |k| k.to_string());
             bail!("no {what} called `{name}` is loaded (known: {}); `scalpel plugins` lists them", known.join(", "));
         };
-        if let Some(clash) = clash {
-            bail!("{}", clash.message);
-        }
         let it = ItemRef { plugin: &self.plugins[p], item: &self.plugins[p].manifest.items[i] };
         if let Some(kind) = kind {
             if it.item.kind != kind {
@@ -179,16 +177,11 @@ fn explain(path: &Path, e: LibraryError) -> anyhow::Error {
             "{}: built against scalpel-sdk {actual_version}, but this host speaks scalpel-sdk {expected_version}: {fix}",
             path.display()
         ),
-        LibraryError::AbiInstability(details) => {
-            let details = details.to_string();
-            let first: Vec<&str> = details.lines().filter(|l| !l.trim().is_empty()).take(6).collect();
-            anyhow!(
-                "{}: its plugin interface has a different layout from this host's (built against another scalpel-sdk?): \
-                 {fix}.\n  abi_stable says:\n    {}",
-                path.display(),
-                first.join("\n    ")
-            )
-        }
+        // abi_stable's full comparison runs to hundreds of lines; the verdict and the fix are what help.
+        LibraryError::AbiInstability(_) => anyhow!(
+            "{}: its plugin interface has a different layout from this host's (built against another scalpel-sdk?): {fix}",
+            path.display()
+        ),
         other => anyhow!("{}: {}", path.display(), other.to_string().trim()),
     }
 }

@@ -1,0 +1,64 @@
+//! End-to-end tests: the real `scalpel` binary, the real plugin libraries, real files.
+//! Run `cargo xtask test` (it builds the binary and every plugin before the tests).
+
+mod plugins;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `target/release`, where the binary, the plugins and the fixtures are built.
+pub fn build_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // .../target/release/deps/e2e-x
+    assert!(
+        dir.join("scalpel").exists(),
+        "{} has no scalpel binary: build the workspace first (`cargo xtask test` does)",
+        dir.display()
+    );
+    dir
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn scalpel() -> Command {
+    let mut cmd = Command::new(build_dir().join("scalpel"));
+    cmd.env_remove("SCALPEL_PLUGIN_PATH");
+    cmd
+}
+
+/// The result of a command: its exit, stdout and stderr, for assertions with context.
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn run(cmd: &mut Command) -> Run {
+    let Output { status, stdout, stderr } = cmd.output().expect("scalpel runs");
+    Run { ok: status.success(), stdout: String::from_utf8_lossy(&stdout).into(), stderr: String::from_utf8_lossy(&stderr).into() }
+}
+
+impl Run {
+    pub fn success(self) -> Self {
+        assert!(self.ok, "command failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+    pub fn failure(self) -> Self {
+        assert!(!self.ok, "command succeeded but should not have\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+/// A fresh folder holding copies of built fixture libraries under plugin file names.
+pub fn plugin_dir(fixtures: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (fixture, as_name) in fixtures {
+        let from = build_dir().join(format!("libscalpel_fixture_{}.so", fixture.replace('-', "_")));
+        assert!(from.exists(), "fixture {} is not built", from.display());
+        std::fs::copy(&from, dir.path().join(format!("libscalpel_plugin_{as_name}.so"))).unwrap();
+    }
+    dir
+}

@@ -1,0 +1,106 @@
+//! Loading plugins: the built-in set, the example plugin, and one broken fixture per load error.
+
+use crate::{plugin_dir, run, scalpel};
+
+fn item_names(json: &str) -> Vec<String> {
+    let items: serde_json::Value = serde_json::from_str(json).expect("`plugins --json` prints JSON");
+    items.as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn lists_the_builtin_set_and_the_example_plugin() {
+    let out = run(scalpel().args(["plugins", "--json"])).success();
+    let names = item_names(&out.stdout);
+    for expected in ["weight-norms", "drop-layers"] {
+        assert!(names.contains(&expected.to_string()), "{expected} missing from {names:?}");
+    }
+    assert!(out.stderr.is_empty(), "a clean search path warns about nothing: {}", out.stderr);
+}
+
+#[test]
+fn describe_shows_fields_types_defaults_and_docs() {
+    let out = run(scalpel().args(["describe", "weight-norms"])).success();
+    assert!(out.stdout.contains("Sum of the Frobenius norms"), "{}", out.stdout);
+    let row = out.stdout.lines().find(|l| l.starts_with("per_element")).expect("a row for per_element");
+    assert!(row.contains("boolean") && row.contains("false") && row.contains("square root"), "{row}");
+}
+
+#[test]
+fn describe_of_an_unknown_item_lists_the_known_ones() {
+    let out = run(scalpel().args(["describe", "no-such-thing"])).failure();
+    assert!(out.stderr.contains("no item called `no-such-thing`") && out.stderr.contains("weight-norms"), "{}", out.stderr);
+}
+
+#[test]
+fn version_names_sdk_tch_libtorch_and_cuda() {
+    let out = run(scalpel().arg("--version")).success();
+    for part in ["scalpel-sdk 0.1.0", "tch 0.24.0", "libtorch 2.11.0", "cuda:"] {
+        assert!(out.stdout.contains(part), "{part} missing from {}", out.stdout);
+    }
+}
+
+#[test]
+fn cuda_on_a_cpu_only_libtorch_says_why() {
+    if scalpel().arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).contains("cuda: available")).unwrap_or(false) {
+        return; // a GPU machine: nothing to refuse
+    }
+    let out = run(scalpel().args(["--device", "cuda", "plugins"])).failure();
+    assert!(out.stderr.contains("CPU-only") && out.stderr.contains("LD_LIBRARY_PATH"), "{}", out.stderr);
+}
+
+/// Each broken library is refused with its own message; the good plugins still load.
+fn refused_with(fixtures: &[(&str, &str)], message: &[&str]) {
+    let dir = plugin_dir(fixtures);
+    let out = run(scalpel().arg("--plugins").arg(dir.path()).args(["plugins", "--json"])).success();
+    for m in message {
+        assert!(out.stderr.contains(m), "expected `{m}` in:\n{}", out.stderr);
+    }
+    let names = item_names(&out.stdout);
+    assert!(names.contains(&"weight-norms".to_string()), "good plugins must still be listed: {names:?}");
+}
+
+#[test]
+fn a_library_that_is_not_a_plugin() {
+    refused_with(&[("not-a-plugin", "stranger")], &["libscalpel_plugin_stranger.so", "not a scalpel plugin", "export_plugin!"]);
+}
+
+#[test]
+fn a_plugin_built_against_another_sdk_layout() {
+    refused_with(&[("other-layout", "old")], &["libscalpel_plugin_old.so", "different layout", "rebuild it against scalpel-sdk 0.1.0"]);
+}
+
+#[test]
+fn a_plugin_built_for_another_libtorch() {
+    refused_with(&[("wrong-libtorch", "lt")], &["built for libtorch 2.10.0", "this host runs libtorch 2.11.0", "rebuild"]);
+}
+
+#[test]
+fn two_plugins_exporting_the_same_item() {
+    let dir = plugin_dir(&[("twin", "twin_a"), ("twin", "twin_b")]);
+    let out = run(scalpel().arg("--plugins").arg(dir.path()).args(["plugins", "--json"])).success();
+    assert!(
+        out.stderr.contains("item `fixture-twin` is exported by both")
+            && out.stderr.contains("libscalpel_plugin_twin_a.so")
+            && out.stderr.contains("libscalpel_plugin_twin_b.so"),
+        "{}",
+        out.stderr
+    );
+    // Using the ambiguous name is an error that names both files.
+    let out = run(scalpel().arg("--plugins").arg(dir.path()).args(["describe", "fixture-twin"])).failure();
+    assert!(out.stderr.contains("twin_a.so") && out.stderr.contains("twin_b.so"), "{}", out.stderr);
+}
+
+#[test]
+fn a_file_that_is_not_a_library_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("libscalpel_plugin_text.so"), "not an ELF file\n").unwrap();
+    let out = run(scalpel().arg("--plugins").arg(dir.path()).args(["plugins", "--json"])).success();
+    assert!(out.stderr.contains("libscalpel_plugin_text.so") && out.stderr.contains("cannot be loaded as a shared library"), "{}", out.stderr);
+}
+
+#[test]
+fn the_plugin_path_variable_is_searched() {
+    let dir = plugin_dir(&[("wrong-libtorch", "via_env")]);
+    let out = run(scalpel().env("SCALPEL_PLUGIN_PATH", dir.path()).args(["plugins", "--json"])).success();
+    assert!(out.stderr.contains("libscalpel_plugin_via_env.so"), "{}", out.stderr);
+}
