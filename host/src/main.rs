@@ -2,6 +2,7 @@
 
 mod cli;
 mod cuda;
+mod model;
 mod plugins;
 
 fn main() {

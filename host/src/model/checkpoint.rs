@@ -1,0 +1,273 @@
+//! Reading HF model folders: config.json plus one or many memory-mapped safetensors shards.
+//! Nothing is read until asked for: inspecting or cutting a 7B checkpoint touches only what it needs.
+
+use super::arch::{self, Arch};
+use anyhow::{anyhow, bail, Context, Result};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+pub const CONFIG: &str = "config.json";
+pub const SINGLE: &str = "model.safetensors";
+pub const INDEX: &str = "model.safetensors.index.json";
+
+/// Sizes read off config.json through the architecture's key names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dims {
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d_model: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub context: usize,
+}
+
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: Value,
+    pub arch: &'static Arch,
+    pub dims: Dims,
+    shards: Vec<(PathBuf, Mmap)>,
+    /// Canonical tensor name -> where its bytes are.
+    tensors: BTreeMap<String, Entry>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    shard: usize,
+    start: usize,
+    end: usize,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if dir.extension().is_some_and(|e| e == "gguf") {
+            bail!("{} is a GGUF file: convert it first with `scalpel import {} OUT_DIR`", dir.display(), dir.display());
+        }
+        if !dir.is_dir() {
+            bail!("{} is not a folder: a model is an HF model folder (config.json + *.safetensors)", dir.display());
+        }
+        let config_path = dir.join(CONFIG);
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("{} is not an HF model folder: it has no readable {CONFIG}", dir.display()))?;
+        let config: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+        let model_type = config["model_type"]
+            .as_str()
+            .ok_or_else(|| anyhow!("{} has no `model_type`, so its architecture is unknown", config_path.display()))?;
+        let arch = arch::for_model_type(model_type).with_context(|| config_path.display().to_string())?;
+        let dims = dims(arch, &config).with_context(|| format!("reading {}", config_path.display()))?;
+
+        let files = shard_files(dir)?;
+        let mut shards = Vec::new();
+        let mut tensors = BTreeMap::new();
+        for (index, file) in files.iter().enumerate() {
+            let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+            // SAFETY: the file is opened read-only; scalpel never writes into a folder it reads.
+            let map = unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", file.display()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
+                anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", file.display())
+            })?;
+            let data_start = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                if let Some((_, inner)) = arch.split_block_name(&arch.canonical_name(&name)) {
+                    if arch.tensors.ignore.iter().any(|i| i == inner) {
+                        continue;
+                    }
+                }
+                let (s, e) = info.data_offsets;
+                let entry = Entry { dtype: info.dtype, shape: info.shape.clone(), shard: index, start: data_start + s, end: data_start + e };
+                tensors.insert(arch.canonical_name(&name), entry);
+            }
+            shards.push((file.clone(), map));
+        }
+        let ckpt = Checkpoint { dir: dir.to_path_buf(), config, arch, dims, shards, tensors };
+        ckpt.check_complete()?;
+        Ok(ckpt)
+    }
+
+    /// Every block and the global tensors are there: a missing shard or a wrong layer count shows here.
+    fn check_complete(&self) -> Result<()> {
+        let t = &self.arch.tensors;
+        for name in std::iter::once(&t.embedding).chain(&t.final_norm).chain(&t.position_embedding) {
+            if !self.tensors.contains_key(name) {
+                bail!("{}: the checkpoint has no tensor `{name}`", self.dir.display());
+            }
+        }
+        for i in 0..self.dims.layers {
+            let prefix = self.arch.block_prefix(i);
+            if !self.tensors.keys().any(|n| n.starts_with(&prefix)) {
+                bail!(
+                    "{}: config.json says {} layers, but the checkpoint has no tensors for layer {i} (`{prefix}*`)",
+                    self.dir.display(),
+                    self.dims.layers
+                );
+            }
+        }
+        if let Some((i, _)) = self.tensors.keys().filter_map(|n| self.arch.split_block_name(n)).find(|(i, _)| *i >= self.dims.layers) {
+            bail!("{}: the checkpoint has tensors for layer {i}, but config.json says {} layers", self.dir.display(), self.dims.layers);
+        }
+        Ok(())
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn entry(&self, name: &str) -> Result<&Entry> {
+        self.tensors.get(name).ok_or_else(|| anyhow!("{}: no tensor `{name}` in the checkpoint", self.dir.display()))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The stored bytes of a tensor (little-endian, row-major), straight from the memory map.
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let e = self.entry(name)?;
+        Ok(&self.shards[e.shard].1[e.start..e.end])
+    }
+
+    /// A tensor on the CPU, in its stored dtype.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        let kind = kind_of(e.dtype).with_context(|| format!("tensor `{name}`"))?;
+        let shape: Vec<i64> = e.shape.iter().map(|&d| d as i64).collect();
+        Tensor::f_from_data_size(self.bytes(name)?, &shape, kind).with_context(|| format!("reading tensor `{name}`"))
+    }
+
+    /// The weights' dtype (the most common one among the tensors).
+    pub fn dtype(&self) -> &'static str {
+        let mut counts = BTreeMap::new();
+        for e in self.tensors.values() {
+            *counts.entry(dtype_name(e.dtype)).or_insert(0usize) += e.shape.iter().product::<usize>();
+        }
+        counts.into_iter().max_by_key(|(_, n)| *n).map_or("f32", |(d, _)| d)
+    }
+
+    pub fn parameters(&self) -> usize {
+        self.tensors.values().map(|e| e.shape.iter().product::<usize>()).sum()
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.tensors.values().map(|e| e.end - e.start).sum()
+    }
+
+    /// The embedding doubles as the output head.
+    pub fn tied(&self) -> bool {
+        !self.tensors.contains_key(&self.arch.tensors.lm_head)
+    }
+
+    pub fn shard_paths(&self) -> impl Iterator<Item = &Path> {
+        self.shards.iter().map(|(p, _)| p.as_path())
+    }
+}
+
+fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join(INDEX);
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)?;
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = v["weight_map"].as_object().ok_or_else(|| anyhow!("{} has no `weight_map`", index.display()))?;
+        let mut files: Vec<&str> = map.values().filter_map(Value::as_str).collect();
+        files.sort();
+        files.dedup();
+        let files: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+        if let Some(missing) = files.iter().find(|f| !f.exists()) {
+            bail!("{} names the shard {}, which is missing", index.display(), missing.display());
+        }
+        return Ok(files);
+    }
+    let single = dir.join(SINGLE);
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    if std::fs::read_dir(dir)?.flatten().any(|e| e.path().extension().is_some_and(|x| x == "bin")) {
+        bail!("{} holds PyTorch .bin weights; scalpel reads safetensors only (convert with transformers' save_pretrained)", dir.display());
+    }
+    bail!("{} has neither {SINGLE} nor {INDEX}", dir.display())
+}
+
+fn dims(arch: &Arch, config: &Value) -> Result<Dims> {
+    let get = |key: &str| -> Result<usize> {
+        config[key].as_u64().map(|v| v as usize).ok_or_else(|| anyhow!("config.json has no whole-number `{key}`"))
+    };
+    let k = &arch.config;
+    let heads = get(&k.heads)?;
+    let d_model = get(&k.d_model)?;
+    let kv_heads = match &k.kv_heads {
+        Some(key) if !config[key].is_null() => get(key)?,
+        _ => heads,
+    };
+    let head_dim = match config["head_dim"].as_u64() {
+        Some(h) => h as usize,
+        None => d_model / heads,
+    };
+    let layers = get(&k.layers)?;
+    if layers == 0 || heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        bail!("config.json has {layers} layers, {heads} heads and {kv_heads} key/value heads: not a usable transformer");
+    }
+    Ok(Dims { layers, heads, kv_heads, d_model, head_dim, vocab: get(&k.vocab)?, context: get(&k.context)? })
+}
+
+pub fn kind_of(dtype: Dtype) -> Result<Kind> {
+    Ok(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        other => bail!("dtype {other:?} is not supported"),
+    })
+}
+
+pub fn dtype_of(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        other => bail!("tensor kind {other:?} cannot be stored"),
+    })
+}
+
+pub fn dtype_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => "f32",
+        Dtype::F16 => "f16",
+        Dtype::BF16 => "bf16",
+        Dtype::F64 => "f64",
+        _ => "other",
+    }
+}
+
+/// `f32`, `f16` or `bf16`, as users write them.
+pub fn parse_dtype(s: &str) -> Result<Dtype> {
+    Ok(match s {
+        "f32" | "float32" => Dtype::F32,
+        "f16" | "float16" => Dtype::F16,
+        "bf16" | "bfloat16" => Dtype::BF16,
+        other => bail!("unknown dtype `{other}`: use f32, f16 or bf16"),
+    })
+}
+
+/// The name transformers writes into config.json's `torch_dtype` / `dtype`.
+pub fn torch_dtype_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F16 => "float16",
+        Dtype::BF16 => "bfloat16",
+        _ => "float32",
+    }
+}

@@ -1,0 +1,60 @@
+//! Text to token ids and back: an HF `tokenizer.json` when the model folder has one, else the
+//! GPT-2 BPE (tiktoken's r50k_base, embedded, offline) for GPT-2-family models.
+
+use anyhow::{anyhow, bail, Result};
+use std::path::Path;
+
+pub enum Tokenizer {
+    Hf(Box<tokenizers::Tokenizer>),
+    Gpt2(tiktoken_rs::CoreBPE),
+}
+
+impl Tokenizer {
+    pub fn for_model(dir: &Path, family: &str) -> Result<Self> {
+        let file = dir.join("tokenizer.json");
+        if file.exists() {
+            let t = tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow!("{} could not be read: {e}", file.display()))?;
+            return Ok(Tokenizer::Hf(Box::new(t)));
+        }
+        if family == "gpt2" {
+            return Ok(Tokenizer::Gpt2(tiktoken_rs::r50k_base()?));
+        }
+        bail!("{} has no tokenizer.json, and only GPT-2 models have a built-in tokenizer", dir.display())
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Tokenizer::Hf(_) => "tokenizer.json",
+            Tokenizer::Gpt2(_) => "GPT-2 BPE (r50k_base, built in)",
+        }
+    }
+
+    /// Token ids of `text`, without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        Ok(match self {
+            Tokenizer::Hf(t) => t.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().iter().map(|&i| i as i64).collect(),
+            Tokenizer::Gpt2(t) => t.encode_ordinary(text).into_iter().map(|i| i as i64).collect(),
+        })
+    }
+
+    pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        match self {
+            Tokenizer::Hf(t) => {
+                let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+                t.decode(&ids, false).map_err(|e| anyhow!("detokenizing: {e}"))
+            }
+            Tokenizer::Gpt2(t) => Ok(t.decode(&ids.iter().map(|&i| i as u32).collect::<Vec<_>>())?),
+        }
+    }
+
+    /// The beginning-of-sequence token, if the tokenizer has one.
+    pub fn bos(&self) -> Option<i64> {
+        match self {
+            Tokenizer::Hf(t) => ["<|endoftext|>", "<s>", "<|begin_of_text|>", "<|im_start|>"]
+                .iter()
+                .find_map(|s| t.token_to_id(s))
+                .map(|i| i as i64),
+            Tokenizer::Gpt2(_) => Some(50256),
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Writing HF model folders. Everything goes to a temporary folder beside the destination and is
+//! renamed into place at the end: an interrupted run leaves no half-written model behind, and an
+//! existing folder is replaced only with `force`.
+
+use anyhow::{bail, Context, Result};
+use safetensors::{Dtype, View};
+use serde_json::{json, Value};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::checkpoint::{CONFIG, INDEX, SINGLE};
+
+/// transformers' own default `max_shard_size`.
+pub const DEFAULT_SHARD_BYTES: usize = 5_000_000_000;
+/// What produced a folder: the command, plugin versions, input checksums.
+pub const RECORD: &str = "scalpel.json";
+
+/// One tensor to write: borrowed straight from an input's memory map, or computed.
+pub struct OutTensor<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Cow<'a, [u8]>,
+}
+
+impl View for &OutTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// The parts of a model folder besides its weights.
+pub struct Folder<'a> {
+    pub config: &'a Value,
+    /// Copy tokenizer and generation files from here (everything but weights and config).
+    pub companions_from: Option<&'a Path>,
+    /// Extra files to write, e.g. a tokenizer.json made from GGUF metadata.
+    pub extra_files: Vec<(String, Vec<u8>)>,
+    pub record: &'a Value,
+}
+
+/// A temporary folder that becomes `dest` on `commit`, and disappears if dropped before.
+pub struct Staging {
+    pub tmp: PathBuf,
+    dest: PathBuf,
+    force: bool,
+    committed: bool,
+}
+
+impl Staging {
+    pub fn new(dest: &Path, force: bool) -> Result<Self> {
+        if dest.exists() && !force {
+            bail!("{} already exists: choose another output or pass --force to replace it", dest.display());
+        }
+        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let name = dest.file_name().context("the output needs a folder name")?.to_string_lossy();
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        Ok(Staging { tmp, dest: dest.to_path_buf(), force, committed: false })
+    }
+
+    pub fn commit(mut self) -> Result<PathBuf> {
+        if self.dest.exists() {
+            if !self.force {
+                bail!("{} appeared while writing: not replacing it without --force", self.dest.display());
+            }
+            let old = self.tmp.with_extension("old");
+            std::fs::rename(&self.dest, &old)?;
+            std::fs::rename(&self.tmp, &self.dest)?;
+            std::fs::remove_dir_all(&old)?;
+        } else {
+            std::fs::rename(&self.tmp, &self.dest).with_context(|| format!("moving the result to {}", self.dest.display()))?;
+        }
+        self.committed = true;
+        Ok(self.dest.clone())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Writes a complete model folder at `dest`: config, shards (with an index past `shard_bytes`),
+/// companion files and the record. Tensors are consumed one at a time; at most one shard's worth
+/// of computed tensors is held in memory.
+pub fn write_model<'a>(
+    dest: &Path,
+    force: bool,
+    folder: Folder<'_>,
+    tensors: impl Iterator<Item = Result<OutTensor<'a>>>,
+    shard_bytes: usize,
+) -> Result<PathBuf> {
+    let staging = Staging::new(dest, force)?;
+    let dir = &staging.tmp;
+    let mut shards: Vec<Vec<String>> = Vec::new();
+    let mut pending: Vec<OutTensor> = Vec::new();
+    let mut pending_bytes = 0;
+    let mut total = 0usize;
+    let flush = |pending: &mut Vec<OutTensor>, shards: &mut Vec<Vec<String>>| -> Result<()> {
+        let file = dir.join(format!("shard-{}.part", shards.len()));
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file(pending.iter().map(|t| (t.name.clone(), t)), Some(meta), &file)
+            .with_context(|| format!("writing {}", file.display()))?;
+        shards.push(pending.drain(..).map(|t| t.name).collect());
+        Ok(())
+    };
+    for t in tensors {
+        let t = t?;
+        let n = t.data.len();
+        if n != t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8 {
+            bail!("internal error: tensor `{}` has {n} bytes for shape {:?} {:?}", t.name, t.shape, t.dtype);
+        }
+        if !pending.is_empty() && pending_bytes + n > shard_bytes {
+            flush(&mut pending, &mut shards)?;
+            pending_bytes = 0;
+        }
+        pending_bytes += n;
+        total += n;
+        pending.push(t);
+    }
+    if !pending.is_empty() || shards.is_empty() {
+        flush(&mut pending, &mut shards)?;
+    }
+    // Name the shards now that their count is known.
+    if shards.len() == 1 {
+        std::fs::rename(dir.join("shard-0.part"), dir.join(SINGLE))?;
+    } else {
+        let mut weight_map = BTreeMap::new();
+        for (i, names) in shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len());
+            std::fs::rename(dir.join(format!("shard-{i}.part")), dir.join(&file))?;
+            for n in names {
+                weight_map.insert(n.clone(), file.clone());
+            }
+        }
+        let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+        std::fs::write(dir.join(INDEX), serde_json::to_string_pretty(&index)?)?;
+    }
+    std::fs::write(dir.join(CONFIG), serde_json::to_string_pretty(folder.config)? + "\n")?;
+    if let Some(src) = folder.companions_from {
+        for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+            let path = entry?.path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let is_weights = name.ends_with(".safetensors") || name == INDEX || name.ends_with(".bin");
+            if path.is_file() && !is_weights && name != CONFIG && name != RECORD && !name.starts_with('.') {
+                std::fs::copy(&path, dir.join(&name)).with_context(|| format!("copying {}", path.display()))?;
+            }
+        }
+    }
+    for (name, bytes) in &folder.extra_files {
+        std::fs::write(dir.join(name), bytes)?;
+    }
+    std::fs::write(dir.join(RECORD), serde_json::to_string_pretty(folder.record)? + "\n")?;
+    staging.commit()
+}
