@@ -1,9 +1,12 @@
 //! Command-line interface: raw arguments become validated settings here, and nowhere else.
 
-use crate::{cuda, plugins};
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use crate::model::checkpoint::{parse_dtype, Checkpoint};
+use crate::recipe::{self, Calibration, Recipe, Step};
+use crate::{cuda, inspect, plugins};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
 use scalpel_sdk::abi::ItemManifest;
+use serde_json::Value;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -31,6 +34,136 @@ enum Command {
         /// An analyzer or strategy name, e.g. attn-rank.
         name: String,
     },
+    /// Family, layers, heads, sizes, dtype and tokenizer of an HF model folder.
+    Inspect {
+        model: PathBuf,
+    },
+    /// Convert a GGUF file (llama.cpp) into an HF model folder.
+    Import {
+        gguf: PathBuf,
+        out: PathBuf,
+        /// Store the weights as f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Continue a prompt, greedily or with top-p sampling, to eyeball a model.
+    Generate {
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Sample from the smallest set of tokens whose probability reaches P (default: greedy).
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Mean negative log-likelihood and perplexity over consecutive windows of a text file.
+    Eval {
+        model: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 512)]
+        tokens: usize,
+        /// At most this many windows (0: the whole file).
+        #[arg(long, default_value_t = 0)]
+        windows: usize,
+        /// Prepend the BOS token to each window.
+        #[arg(long)]
+        bos: bool,
+    },
+    /// Run analyzers over calibration windows: per-layer table, reports, plots.
+    Analyze {
+        model: PathBuf,
+        /// Analyzers to run, in order (default: attn-rank, attn-mass, attn-entropy).
+        #[arg(long = "analyzer", short = 'a')]
+        analyzers: Vec<String>,
+        #[command(flatten)]
+        common: StepArgs,
+        #[command(flatten)]
+        calib: CalibArgs,
+        /// Attention maps to draw, as LAYER:HEAD (repeatable).
+        #[arg(long = "map", value_parser = parse_map)]
+        maps: Vec<(usize, usize)>,
+    },
+    /// Apply a strategy and write the new model.
+    Apply {
+        model: PathBuf,
+        /// Strategies to apply, in order (each sees the model the previous ones make).
+        #[arg(long = "strategy", short = 's', required = true)]
+        strategies: Vec<String>,
+        /// Reports from an earlier `analyze -o DIR` (DIR/reports.json), for strategies that choose from evidence.
+        #[arg(long)]
+        reports: Option<PathBuf>,
+        #[command(flatten)]
+        common: StepArgs,
+        /// Store the new model as f32, f16 or bf16 (default: as the input).
+        #[arg(long)]
+        dtype: Option<String>,
+    },
+    /// Run a recipe file: steps in order, later steps reading earlier reports.
+    Run {
+        recipe: PathBuf,
+        /// Use this model instead of the recipe's.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Use this calibration file instead of the recipe's.
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// Write here instead of the recipe's output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Flags shared by `analyze` and `apply`.
+#[derive(Args)]
+struct StepArgs {
+    /// A config value, KEY=VALUE or ITEM.KEY=VALUE (repeatable); VALUE is read as TOML (5, 0.9, true, [1,2], "x").
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Output folder (reports, plots, and for strategies the new model).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Show what would happen; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Replace the output folder if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Print the equivalent recipe instead of running.
+    #[arg(long)]
+    print_recipe: bool,
+}
+
+#[derive(Args)]
+struct CalibArgs {
+    /// Calibration data: a text file, or [N, T] token ids (.safetensors / .npy).
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Windows to sample (N).
+    #[arg(short = 'n', long, default_value_t = 100)]
+    sequences: usize,
+    /// Tokens per window (T).
+    #[arg(short = 't', long, default_value_t = 100)]
+    tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Prepend BOS to each window (the paper does not).
+    #[arg(long)]
+    bos: bool,
 }
 
 
@@ -47,15 +180,104 @@ fn long_version() -> String {
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    let _device = cuda::device(&cli.device)?;
+    let device = cuda::device(&cli.device)?;
+    match cli.command {
+        Command::Inspect { model } => return inspect::inspect(&Checkpoint::open(&model)?, cli.json),
+        Command::Import { gguf, out, dtype, force } => return crate::import::import(&gguf, &out, parse_dtype(&dtype)?, force),
+        Command::Generate { model, prompt, max_tokens, top_p, temperature, seed } => {
+            let sampling = inspect::Sampling { top_p, temperature, seed };
+            return inspect::generate(&Checkpoint::open(&model)?, device, &prompt, max_tokens, &sampling);
+        }
+        Command::Eval { model, text, tokens, windows, bos } => {
+            return inspect::eval(&Checkpoint::open(&model)?, device, &text, tokens, windows, bos, cli.json)
+        }
+        _ => {}
+    }
     let registry = plugins::Registry::load(&plugins::search_path(&cli.plugin_dirs));
     for w in registry.warnings() {
         eprintln!("warning: {w}");
     }
-    match &cli.command {
+    let opts = |dry_run, force, maps| recipe::Options { dry_run, force, json: cli.json, maps };
+    match cli.command {
         Command::Plugins => list_plugins(&registry, cli.json),
-        Command::Describe { name } => describe(&registry, name, cli.json),
+        Command::Describe { name } => describe(&registry, &name, cli.json),
+        Command::Analyze { model, analyzers, common, calib, maps } => {
+            let names = if analyzers.is_empty() { DEFAULT_ANALYZERS.iter().map(|s| s.to_string()).collect() } else { analyzers };
+            let steps = steps(&names, false, &common.sets)?;
+            let calibration = calib.calib.map(|file| Calibration { file, sequences: calib.sequences, tokens: calib.tokens, seed: calib.seed, bos: calib.bos });
+            let recipe = Recipe { model: Some(model), output: common.output, device: Some(cli.device.clone()), dtype: None, calibration, reports: None, steps };
+            finish(recipe, &registry, common.print_recipe, &opts(common.dry_run, common.force, maps))
+        }
+        Command::Apply { model, strategies, reports, common, dtype } => {
+            let steps = steps(&strategies, true, &common.sets)?;
+            let recipe = Recipe { model: Some(model), output: common.output, device: Some(cli.device.clone()), dtype, calibration: None, reports, steps };
+            finish(recipe, &registry, common.print_recipe, &opts(common.dry_run, common.force, vec![]))
+        }
+        Command::Run { recipe: path, model, calib, output, dry_run, force } => {
+            let mut recipe = Recipe::load(&path)?;
+            recipe.model = model.or(recipe.model);
+            recipe.output = output.or(recipe.output);
+            if let Some(file) = calib {
+                let c = recipe.calibration.get_or_insert(Calibration { file: file.clone(), sequences: 100, tokens: 100, seed: 0, bos: false });
+                c.file = file;
+            }
+            if cli.device != "cpu" {
+                recipe.device = Some(cli.device.clone());
+            }
+            recipe::run(&recipe, &registry, &opts(dry_run, force, vec![]))
+        }
+        Command::Inspect { .. } | Command::Import { .. } | Command::Generate { .. } | Command::Eval { .. } => unreachable!(),
     }
+}
+
+/// The paper's three measurements.
+const DEFAULT_ANALYZERS: [&str; 3] = ["attn-rank", "attn-mass", "attn-entropy"];
+
+fn finish(recipe: Recipe, registry: &plugins::Registry, print_recipe: bool, opts: &recipe::Options) -> Result<()> {
+    if print_recipe {
+        print!("{}", recipe.to_toml()?);
+        return Ok(());
+    }
+    recipe::run(&recipe, registry, opts)
+}
+
+/// One step per item, with `--set` values routed to their item.
+fn steps(names: &[String], strategies: bool, sets: &[String]) -> Result<Vec<Step>> {
+    let mut steps: Vec<Step> = names
+        .iter()
+        .map(|n| Step {
+            analyzer: (!strategies).then(|| n.clone()),
+            strategy: strategies.then(|| n.clone()),
+            config: serde_json::json!({}),
+        })
+        .collect();
+    for set in sets {
+        let (key, value) = set.split_once('=').with_context(|| format!("--set {set}: expected KEY=VALUE"))?;
+        let (item, key) = match key.rsplit_once('.') {
+            Some((item, key)) => (Some(item), key),
+            None => (None, key),
+        };
+        let target = match item {
+            Some(item) => steps.iter_mut().find(|s| s.item().map(|(n, _)| n == item).unwrap_or(false)).with_context(|| format!("--set {set}: `{item}` is not one of the steps"))?,
+            None if steps.len() == 1 => &mut steps[0],
+            None => bail!("--set {set}: several items run; write ITEM.{key}={value}"),
+        };
+        target.config[key] = parse_value(value);
+    }
+    Ok(steps)
+}
+
+/// A value as TOML reads it (numbers, booleans, arrays, quoted strings); anything else is a plain string.
+fn parse_value(text: &str) -> Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|t| serde_json::to_value(&t["v"]).ok())
+        .unwrap_or_else(|| Value::from(text))
+}
+
+fn parse_map(s: &str) -> Result<(usize, usize), String> {
+    let (l, h) = s.split_once(':').ok_or("expected LAYER:HEAD")?;
+    Ok((l.parse().map_err(|_| "LAYER must be a number")?, h.parse().map_err(|_| "HEAD must be a number")?))
 }
 
 fn list_plugins(registry: &plugins::Registry, json: bool) -> Result<()> {

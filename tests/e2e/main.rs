@@ -1,7 +1,10 @@
 //! End-to-end tests: the real `scalpel` binary, the real plugin libraries, real files.
 //! Run `cargo xtask test` (it builds the binary and every plugin before the tests).
 
+mod models;
 mod plugins;
+mod smollm2;
+mod surgery;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -61,4 +64,25 @@ pub fn plugin_dir(fixtures: &[(&str, &str)]) -> tempfile::TempDir {
         std::fs::copy(&from, dir.path().join(format!("libscalpel_plugin_{as_name}.so"))).unwrap();
     }
     dir
+}
+
+/// A tiny checkpoint made by transformers (tests/golden/make_golden.py).
+pub fn tiny(name: &str) -> PathBuf {
+    repo().join("tests/data").join(name)
+}
+
+/// `[rows, cols]` int64 token ids as a `.npy` file, values cycling below `vocab`.
+pub fn token_ids_npy(dir: &Path, rows: usize, cols: usize, vocab: usize) -> PathBuf {
+    let header = format!("{{'descr': '<i8', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    let pad = 64 - (10 + header.len() + 1) % 64;
+    let header = format!("{header}{}\n", " ".repeat(pad));
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    for i in 0..rows * cols {
+        bytes.extend((((i * 7 + i / cols * 3) % vocab) as i64).to_le_bytes());
+    }
+    let path = dir.join("ids.npy");
+    std::fs::write(&path, bytes).unwrap();
+    path
 }

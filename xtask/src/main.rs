@@ -86,15 +86,25 @@ fn test(repo: &Path, extra: &[String]) -> Result<()> {
     cargo(repo, &args)
 }
 
+/// The main job on a real model: SmolLM2-135M imported from GGUF, analyzed on Brown-corpus windows,
+/// profiled, plotted and cut. Extra arguments go to `scalpel run` (e.g. `--device cuda`).
 fn demo(repo: &Path, extra: &[String]) -> Result<()> {
     let cache = fetch::cache_dir()?;
-    let model = fetch::smollm2(&cache)?;
+    let gguf = fetch::smollm2(&cache)?;
     let text = fetch::brown_corpus(&cache)?;
-    let out = repo.join("runs").join("smollm2-inheritune");
     let scalpel = repo.join("target/release/scalpel");
-    let mut cmd = Command::new(&scalpel);
-    cmd.arg("demo").arg(&model).arg("--text").arg(&text).arg("-o").arg(&out).args(extra);
-    status(cmd)
+    let runs = repo.join("runs");
+    let model = runs.join("smollm2-135m");
+    if !model.exists() {
+        let mut import = Command::new(&scalpel);
+        import.arg("import").arg(&gguf).arg(&model);
+        status(import)?;
+    }
+    let mut run = Command::new(&scalpel);
+    run.arg("run").arg(repo.join("examples/recipes/inheritune.toml"));
+    run.arg("--model").arg(&model).arg("--calib").arg(&text);
+    run.arg("-o").arg(runs.join("inheritune-smollm2")).arg("--force").args(extra);
+    status(run)
 }
 
 fn dist(repo: &Path) -> Result<()> {

@@ -7,5 +7,5 @@ pub mod forward;
 pub mod tokenizer;
 pub mod write;
 
-pub use checkpoint::{Checkpoint, Dims};
+pub use checkpoint::Checkpoint;
 pub use forward::Transformer;

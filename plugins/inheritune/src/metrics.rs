@@ -1,0 +1,317 @@
+//! The math of the attention analyzers, on batches of attention matrices `[..., T, T]` (rows are
+//! queries, post-softmax, causal). Every function returns one value per matrix, shape `[...]`.
+
+use rayon::prelude::*;
+use scalpel_sdk::prelude::*;
+
+/// Relative slack of every threshold test: `cum ≥ τ·total·(1 − slack)`. The analytic cases sit exactly
+/// on the threshold (identity at T = 100: 90 of 100 units of energy at k = 90), and the rounding of
+/// eigenvalues, sums and τ·total must not push k* one past the tie. Far below any real energy gap.
+fn slack(kind: Kind) -> f64 {
+    if kind == Kind::Float {
+        1e-5
+    } else {
+        1e-9
+    }
+}
+
+/// Power-iteration steps of the k* = 1 test: enough for the sink-like matrices it is meant to catch.
+const POWER_STEPS: usize = 2;
+
+/// k* = smallest k with Σ_{i≤k} σᵢ² ≥ τ·Σσⱼ², computed in `kind` (`Double` or `Float`), as `Int64`.
+pub fn energy_rank(attn: &Tensor, tau: f64, kind: Kind) -> Result<Tensor> {
+    let (batch, t) = matrix_shape(attn)?;
+    let flat = attn.f_to_kind(kind)?.f_reshape([-1, t, t])?;
+    let k = on_all_cores(&flat, |a| rank_of_batch(&a, tau, kind))?;
+    Ok(k.f_reshape(&batch)?)
+}
+
+/// k* of a `[B, T, T]` batch. σ₁² ≥ τ‖A‖²_F is exactly the case k* = 1, and the Rayleigh quotient of
+/// AAᵀ after a few power steps is a lower bound of σ₁²: matrices it already lifts over the threshold are
+/// k* = 1 for certain. Only the others pay for eigenvalues, those of the Gram matrix AAᵀ (σᵢ²), which
+/// libtorch computes about twice as fast as singular values.
+fn rank_of_batch(a: &Tensor, tau: f64, kind: Kind) -> Result<Tensor> {
+    let options = (kind, a.device());
+    let (b, t, _) = a.size3()?;
+    let threshold = a.f_square()?.f_sum_dim_intlist(&[1, 2][..], false, Kind::Double)? * (tau * (1.0 - slack(kind)));
+
+    // Start from the all-ones vector: AAᵀ is non-negative, so its top eigenvector is too (Perron) and
+    // overlaps it. A NaN quotient (a zero matrix) fails the test and takes the exact path.
+    let at = a.f_transpose(1, 2)?;
+    let mut v = Tensor::f_ones([b, t, 1], options)?;
+    let mut quotient = Tensor::f_zeros([b], (Kind::Double, a.device()))?;
+    for _ in 0..POWER_STEPS {
+        let u = at.f_bmm(&v)?;
+        quotient = u.square().sum_dim_intlist(&[1, 2][..], false, Kind::Double)
+            / v.square().sum_dim_intlist(&[1, 2][..], false, Kind::Double);
+        let w = a.f_bmm(&u)?;
+        v = &w / w.square().sum_dim_intlist(&[1, 2][..], true, None).sqrt();
+    }
+
+    let k = Tensor::f_ones([b], (Kind::Int64, a.device()))?;
+    let open = quotient.f_ge_tensor(&threshold)?.logical_not().nonzero().squeeze_dim(1);
+    if open.numel() == 0 {
+        return Ok(k);
+    }
+    let a = a.f_index_select(0, &open)?;
+    let gram = a.f_bmm(&a.f_transpose(1, 2)?)?;
+    // Ascending eigenvalues; round-off may leave tiny negatives of a PSD matrix, which are zero.
+    let energy = gram.f_linalg_eigvalsh("L")?.flip([1]).clamp_min(0.0);
+    Ok(k.f_index_copy(0, &open, &smallest_reaching(&energy, &threshold.index_select(0, &open))?)?)
+}
+
+/// m* = fewest columns whose energies ‖A·ⱼ‖², largest first, reach η·‖A‖²_F; computed in f64, as `Int64`.
+pub fn mass(attn: &Tensor, eta: f64) -> Result<Tensor> {
+    matrix_shape(attn)?;
+    let energy = attn.f_to_kind(Kind::Double)?.f_square()?.f_sum_dim_intlist(-2, false, None)?;
+    let threshold = energy.sum_dim_intlist(-1, false, None) * (eta * (1.0 - slack(Kind::Double)));
+    smallest_reaching(&energy.sort(-1, true).0, &threshold)
+}
+
+/// The smallest k whose first k `energy` entries (sorted descending along the last dim) sum to at
+/// least `threshold` (one per row).
+fn smallest_reaching(energy: &Tensor, threshold: &Tensor) -> Result<Tensor> {
+    let cum = energy.f_cumsum(-1, Kind::Double)?;
+    Ok(cum.f_lt_tensor(&threshold.unsqueeze(-1))?.sum_dim_intlist(-1, false, Kind::Int64) + 1)
+}
+
+/// Mean row entropy Hᵢ = −Σⱼ Aᵢⱼ log Aᵢⱼ (nats, 0·log 0 = 0), and the mean of Hᵢ / log i over rows
+/// i ≥ 2 (row i, 1-based, has i admissible keys; row 1 has one key and no choice, so it is left out).
+pub fn entropy(attn: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (_, t) = matrix_shape(attn)?;
+    ensure!(t >= 2, "normalised entropy needs windows of at least 2 tokens, got {t}");
+    let a = attn.f_to_kind(Kind::Double)?;
+    let rows = -a.f_xlogy(&a)?.f_sum_dim_intlist(-1, false, None)?;
+    let keys = Tensor::f_arange_start(2, t + 1, (Kind::Double, a.device()))?.log();
+    let normalised = (rows.narrow(-1, 1, t - 1) / keys).mean_dim(-1, false, None);
+    Ok((rows.mean_dim(-1, false, None), normalised))
+}
+
+/// Mean over rows of Aᵢ₀, the attention paid to the first position.
+pub fn sink_fraction(attn: &Tensor) -> Result<Tensor> {
+    matrix_shape(attn)?;
+    Ok(attn.f_to_kind(Kind::Double)?.f_select(-1, 0)?.f_mean_dim(-1, false, None)?)
+}
+
+/// k* and m* of every matrix in f64, the per-sequence definitions of the paper; for benchmarks.
+pub fn rank_and_mass(attn: &Tensor, tau: f64, eta: f64) -> Result<(Tensor, Tensor)> {
+    Ok((energy_rank(attn, tau, Kind::Double)?, mass(attn, eta)?))
+}
+
+/// The leading (batch) dims and T of a `[..., T, T]` tensor.
+fn matrix_shape(attn: &Tensor) -> Result<(Vec<i64>, i64)> {
+    let size = attn.size();
+    match size.as_slice() {
+        [batch @ .., r, c] if r == c && *r > 0 => Ok((batch.to_vec(), *r)),
+        _ => bail!("expected square attention matrices [..., T, T], got shape {size:?}"),
+    }
+}
+
+/// Runs `f` on chunks of the batch `x` (dim 0), one per rayon thread when on the CPU: libtorch's batched
+/// eigvalsh walks the batch on one thread. On a GPU one call already fills the device.
+fn on_all_cores(x: &Tensor, f: impl Fn(Tensor) -> Result<Tensor> + Sync) -> Result<Tensor> {
+    let threads = rayon::current_num_threads() as i64;
+    if x.device() != Device::Cpu || threads == 1 || x.size()[0] < 2 * threads {
+        return f(x.shallow_clone());
+    }
+    let parts = x.f_chunk(threads, 0)?.into_par_iter().map(&f).collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::f_cat(&parts, 0)?)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A `[t, t]` f64 matrix with entries `f(i, j)` (0-based).
+    fn matrix(t: i64, f: impl Fn(i64, i64) -> f64) -> Tensor {
+        let data: Vec<f64> = (0..t).flat_map(|i| (0..t).map(move |j| (i, j))).map(|(i, j)| f(i, j)).collect();
+        Tensor::from_slice(&data).reshape([t, t])
+    }
+
+    pub(crate) fn identity(t: i64) -> Tensor {
+        matrix(t, |i, j| (i == j) as i64 as f64)
+    }
+
+    /// Every row on the first position.
+    pub(crate) fn sink(t: i64) -> Tensor {
+        matrix(t, |_, j| (j == 0) as i64 as f64)
+    }
+
+    /// Row i (1-based) spreads evenly over its i admissible keys.
+    pub(crate) fn uniform(t: i64) -> Tensor {
+        matrix(t, |i, j| if j <= i { 1.0 / (i + 1) as f64 } else { 0.0 })
+    }
+
+    /// Row i on column i − 1; the first row on itself.
+    fn previous(t: i64) -> Tensor {
+        matrix(t, |i, j| (j == (i - 1).max(0)) as i64 as f64)
+    }
+
+    /// Softmax of random causal logits, with a random temperature and a random pull towards position 0:
+    /// from diffuse heads to attention sinks, like the heads of a real model.
+    pub(crate) fn attention_like(b: i64, t: i64) -> Tensor {
+        let opts = (Kind::Double, Device::Cpu);
+        let scale = Tensor::rand([b, 1, 1], opts) * 4.0;
+        let pull = Tensor::rand([b, 1, 1], opts) * 12.0 - 2.0;
+        let first = matrix(t, |_, j| (j == 0) as i64 as f64);
+        let logits = Tensor::randn([b, t, t], opts) * scale + first * pull;
+        let future = Tensor::ones([t, t], (Kind::Bool, Device::Cpu)).triu(1);
+        logits.masked_fill(&future, f64::NEG_INFINITY).softmax(-1, Kind::Double)
+    }
+
+    fn ints(t: &Tensor) -> Vec<i64> {
+        Vec::try_from(t.reshape([-1])).unwrap()
+    }
+
+    fn scalar(t: Tensor) -> f64 {
+        t.double_value(&[])
+    }
+
+    #[test]
+    fn analytic_rank_and_mass_at_100_tokens() {
+        let mixture = sink(100) * 0.9 + uniform(100) * 0.1;
+        let cases = [
+            ("identity", identity(100), 90, 90),
+            ("sink", sink(100), 1, 1),
+            ("uniform", uniform(100), 5, 30),
+            ("previous", previous(100), 89, 89),
+            ("0.9 sink + 0.1 uniform", mixture, 1, 1),
+        ];
+        for (name, a, rank, columns) in cases {
+            let (k, m) = rank_and_mass(&a, 0.9, 0.9).unwrap();
+            assert_eq!((scalar(k), scalar(m)), (rank as f64, columns as f64), "{name}");
+            assert_eq!(scalar(energy_rank(&a, 0.9, Kind::Float).unwrap()), rank as f64, "{name} in f32");
+        }
+    }
+
+    #[test]
+    fn analytic_rank_and_mass_at_40_tokens() {
+        let (k, m) = rank_and_mass(&Tensor::stack(&[identity(40), uniform(40)], 0), 0.9, 0.9).unwrap();
+        assert_eq!((ints(&k), ints(&m)), (vec![36, 4], vec![36, 14]));
+    }
+
+    #[test]
+    fn ties_at_the_threshold_resolve_as_in_exact_arithmetic() {
+        // Rows 3c, 3c+1, 3c+2 all on key c: σ² = column counts, 3 (33 times) and 1, so 30 of them hold
+        // exactly 90 of 100 units; eigvalsh returns the 3s with rounding errors (31 without the slack).
+        let a = matrix(100, |i, j| (j == i / 3) as i64 as f64);
+        assert_eq!(scalar(energy_rank(&a, 0.9, Kind::Double).unwrap()), 30.0);
+        assert_eq!(scalar(energy_rank(&a, 0.9, Kind::Float).unwrap()), 30.0);
+        assert_eq!(scalar(mass(&a, 0.9).unwrap()), 30.0);
+    }
+
+    /// k* straight from the definition: singular values, squared, summed until they reach τ.
+    fn reference_rank(a: &Tensor, tau: f64) -> Vec<i64> {
+        let sigma: Vec<Vec<f64>> = Vec::try_from(a.svd(true, false).1).unwrap();
+        let total: Vec<f64> = Vec::try_from(a.square().sum_dim_intlist(&[1, 2][..], false, None)).unwrap();
+        let smallest = |s: &Vec<f64>, total: f64| {
+            let mut cum = 0.0;
+            1 + s
+                .iter()
+                .take_while(|x| {
+                    cum += *x * *x;
+                    cum < tau * total * (1.0 - 1e-9)
+                })
+                .count() as i64
+        };
+        sigma.iter().zip(total).map(|(s, total)| smallest(s, total)).collect()
+    }
+
+    /// m* straight from the definition, in plain Rust.
+    fn reference_mass(a: &Tensor, eta: f64) -> Vec<i64> {
+        let a: Vec<Vec<Vec<f64>>> = Vec::try_from(a).unwrap();
+        a.iter()
+            .map(|m| {
+                let mut energy: Vec<f64> = (0..m.len()).map(|j| m.iter().map(|row| row[j] * row[j]).sum()).collect();
+                energy.sort_by(|x, y| y.total_cmp(x));
+                let total: f64 = energy.iter().sum();
+                let mut cum = 0.0;
+                1 + energy
+                    .iter()
+                    .take_while(|e| {
+                        cum += *e;
+                        cum < eta * total * (1.0 - 1e-9)
+                    })
+                    .count() as i64
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fast_path_equals_the_definition() {
+        tch::manual_seed(7);
+        let t = 60;
+        let weights = Tensor::linspace(0.0, 1.0, 101, (Kind::Double, Device::Cpu)).reshape([-1, 1, 1]);
+        let blend = |x: Tensor, y: Tensor| &weights * x + (1.0 - &weights) * y;
+        let batch = Tensor::cat(
+            &[
+                attention_like(300, t),
+                blend(sink(t), uniform(t)),
+                blend(sink(t), identity(t)),
+                blend(sink(t), previous(t)),
+                blend(uniform(t), identity(t)),
+            ],
+            0,
+        );
+        for tau in [0.5, 0.9, 0.99] {
+            let k = energy_rank(&batch, tau, Kind::Double).unwrap();
+            assert_eq!(ints(&k), reference_rank(&batch, tau), "tau = {tau}");
+            assert!(ints(&k).iter().filter(|&&k| k == 1).count() > 50, "the test must exercise the early exit");
+            assert_eq!(ints(&mass(&batch, tau).unwrap()), reference_mass(&batch, tau), "eta = {tau}");
+        }
+    }
+
+    #[test]
+    fn batch_dims_are_kept() {
+        let a = uniform(10).expand([2, 3, 10, 10], false);
+        assert_eq!(energy_rank(&a, 0.9, Kind::Double).unwrap().size(), [2, 3]);
+        assert_eq!(mass(&a, 0.9).unwrap().size(), [2, 3]);
+        assert_eq!(entropy(&a).unwrap().1.size(), [2, 3]);
+        assert!(energy_rank(&Tensor::ones([3, 4], (Kind::Double, Device::Cpu)), 0.9, Kind::Double).is_err());
+    }
+
+    #[test]
+    fn entropy_and_sink_fraction() {
+        let (h, normalised) = entropy(&uniform(100)).unwrap();
+        assert!((scalar(h) - 3.637).abs() < 5e-4);
+        assert!((scalar(normalised) - 1.0).abs() < 1e-12);
+        let (h, normalised) = entropy(&sink(100)).unwrap();
+        assert_eq!((scalar(h), scalar(normalised)), (0.0, 0.0));
+        assert_eq!(scalar(sink_fraction(&sink(100)).unwrap()), 1.0);
+        assert!((scalar(sink_fraction(&identity(100)).unwrap()) - 0.01).abs() < 1e-15);
+    }
+
+    fn cpu_ms() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let f: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) * 10.0
+    }
+
+    /// Best of 5 runs: wall ms and process CPU ms.
+    fn time<R>(label: &str, f: impl Fn() -> R) {
+        let (mut wall, mut cpu) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..5 {
+            let (start, c0) = (Instant::now(), cpu_ms());
+            drop(f());
+            wall = wall.min(start.elapsed().as_secs_f64() * 1e3);
+            cpu = cpu.min(cpu_ms() - c0);
+        }
+        println!("{label}: wall {wall:.0} ms, cpu {cpu:.0} ms");
+    }
+
+    #[test]
+    #[ignore]
+    fn timing() {
+        tch::manual_seed(0);
+        let a = attention_like(900, 100).to_kind(Kind::Float);
+        let a64 = a.to_kind(Kind::Double);
+        println!("torch threads {}", tch::get_num_threads());
+        for _ in 0..4 {
+            time("svd f64 (reference)", || a64.svd(true, false).1);
+            time("rank 1 call", || rank_of_batch(&a64, 0.9, Kind::Double).unwrap());
+            time("rank rayon", || energy_rank(&a, 0.9, Kind::Double).unwrap());
+            time("rank_and_mass", || rank_and_mass(&a, 0.9, 0.9).unwrap());
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! A model opened for plugins: the checkpoint, its forward pass on a device, and the calibration
+//! windows run through it once. Every analyzer of a run reads the same hidden states; attention is
+//! recomputed from them one layer at a time, so no `[N, H, T, T]` is held for every layer at once.
+
+use crate::calib::Windows;
+use crate::model::{Checkpoint, Transformer};
+use anyhow::{bail, Result};
+use scalpel_sdk::{Calibration, ModelInfo, ModelSource};
+use std::cell::OnceCell;
+use tch::{Device, Kind, Tensor};
+
+pub struct Session<'a> {
+    pub ckpt: &'a Checkpoint,
+    info: ModelInfo,
+    device: Device,
+    net: OnceCell<Transformer>,
+    windows: Option<Windows>,
+    /// Hidden states entering each block, and the last block's output: `layers + 1` of `[N, T, D]`.
+    hidden: OnceCell<Vec<Tensor>>,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(ckpt: &'a Checkpoint, device: Device, windows: Option<Windows>) -> Self {
+        let d = &ckpt.dims;
+        let info = ModelInfo {
+            family: ckpt.arch.family.clone(),
+            layers: d.layers,
+            heads: d.heads,
+            kv_heads: d.kv_heads,
+            d_model: d.d_model,
+            vocab: d.vocab,
+            dtype: ckpt.dtype().into(),
+            device: match device {
+                Device::Cuda(i) => format!("cuda:{i}"),
+                _ => "cpu".into(),
+            },
+            tensors: ckpt.names().map(String::from).collect(),
+            calibration: windows.as_ref().map(|w| Calibration {
+                sequences: w.ids.size()[0] as usize,
+                tokens: w.ids.size()[1] as usize,
+                source: w.source.clone(),
+            }),
+        };
+        Session { ckpt, info, device, net: OnceCell::new(), windows, hidden: OnceCell::new() }
+    }
+
+    /// The forward pass, loaded on first use (strategies that only plan never pay for it).
+    fn net(&self) -> Result<&Transformer> {
+        if let Some(n) = self.net.get() {
+            return Ok(n);
+        }
+        let n = Transformer::load(self.ckpt, self.device, Kind::Float)?;
+        Ok(self.net.get_or_init(|| n))
+    }
+
+    /// One forward pass over the calibration windows, in batches, keeping every block's input.
+    fn hidden_states(&self) -> Result<&[Tensor]> {
+        if let Some(h) = self.hidden.get() {
+            return Ok(h);
+        }
+        let Some(windows) = &self.windows else {
+            bail!("this needs calibration data: pass --calib FILE (a text file, or [N, T] token ids as .safetensors / .npy)");
+        };
+        let net = self.net()?;
+        let _guard = tch::no_grad_guard();
+        let batches: Vec<Tensor> = windows.ids.split(16, 0);
+        let mut per_layer: Vec<Vec<Tensor>> = (0..=net.dims.layers).map(|_| Vec::new()).collect();
+        for ids in &batches {
+            let mut h = net.embed(ids)?;
+            for (i, slot) in per_layer.iter_mut().enumerate() {
+                if i > 0 {
+                    h = net.block(i - 1, &h)?;
+                }
+                check_finite(&h, i)?;
+                slot.push(h.shallow_clone());
+            }
+        }
+        let hidden = per_layer.into_iter().map(|parts| Tensor::cat(&parts, 0)).collect();
+        Ok(self.hidden.get_or_init(|| hidden))
+    }
+}
+
+fn check_finite(h: &Tensor, layer: usize) -> Result<()> {
+    if h.isfinite().all().int64_value(&[]) == 0 {
+        bail!("the hidden states entering layer {layer} contain NaN or infinity: the checkpoint's weights are broken or overflow in this dtype");
+    }
+    Ok(())
+}
+
+impl ModelSource for Session<'_> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        Ok(self.ckpt.tensor(name)?.to_device(self.device))
+    }
+
+    fn attention(&self, layer: usize) -> Result<Tensor> {
+        let hidden = self.hidden_states()?;
+        let _guard = tch::no_grad_guard();
+        // Batches bound the [b, H, T, T] scores the forward pass materialises at once.
+        let parts: Result<Vec<Tensor>> = hidden[layer].split(16, 0).iter().map(|h| self.net()?.attention(layer, h)).collect();
+        Ok(Tensor::cat(&parts?, 0))
+    }
+
+    fn hidden(&self, layer: usize) -> Result<Tensor> {
+        Ok(self.hidden_states()?[layer].shallow_clone())
+    }
+}

@@ -1,0 +1,167 @@
+//! Applying a plan: the resulting config and the resulting tensors, written once.
+//!
+//! Output block `j` takes every tensor of input block `plan.layers[j].from`, renamed. Tensors that
+//! do not change are copied straight from the input's memory map. Index-dependent config fields
+//! are carried as the architecture's data file says, or the plan is refused with the reason.
+
+use crate::model::arch::Carry;
+use crate::model::checkpoint::{dtype_of, kind_of, torch_dtype_name, Checkpoint};
+use crate::model::write::OutTensor;
+use anyhow::{bail, Context, Result};
+use safetensors::Dtype;
+use scalpel_sdk::{Edit, Plan};
+use serde_json::Value;
+use std::borrow::Cow;
+use tch::{Kind, Tensor};
+
+/// The config.json of the result, and warnings for the user.
+pub fn resulting_config(ckpt: &Checkpoint, plan: &Plan, dtype: Option<Dtype>) -> Result<(Value, Vec<String>)> {
+    plan.validate(ckpt.dims.layers)?;
+    let mut config = ckpt.config.clone();
+    let mut warnings = Vec::new();
+    let sources = plan.sources();
+    let moved = sources.iter().enumerate().any(|(j, &i)| i != j);
+    config[&ckpt.arch.config.layers] = Value::from(sources.len());
+    for dep in &ckpt.arch.index_dependent {
+        let value = &ckpt.config[&dep.key];
+        let active = dep.only_if.as_ref().is_none_or(|k| ckpt.config[k].as_bool() == Some(true));
+        if value.is_null() || !active {
+            continue;
+        }
+        match dep.carry {
+            Carry::RemapList => {
+                let list = value.as_array().with_context(|| format!("config.json `{}` should be a list", dep.key))?;
+                if list.len() != ckpt.dims.layers {
+                    bail!("config.json `{}` has {} entries for {} layers", dep.key, list.len(), ckpt.dims.layers);
+                }
+                config[&dep.key] = Value::Array(sources.iter().map(|&i| list[i].clone()).collect());
+            }
+            Carry::FoldIntoQuery if value.as_bool() == Some(true) && moved => warnings.push(format!(
+                "`{}` is on: every moved block's query projection is rescaled by (new index + 1) / (old index + 1), \
+                 so each block keeps the attention scale it was trained with",
+                dep.key
+            )),
+            Carry::FoldIntoQuery => {}
+            Carry::Refuse if moved => bail!(
+                "config.json `{}` = {value} makes blocks behave by their index, and scalpel cannot carry it \
+                 through a plan that moves blocks; turn it off or keep blocks in place",
+                dep.key
+            ),
+            Carry::Refuse => {}
+        }
+    }
+    if let Some(d) = dtype {
+        for key in ["torch_dtype", "dtype"] {
+            if config.get(key).is_some() || key == "torch_dtype" {
+                config[key] = Value::from(torch_dtype_name(d));
+            }
+        }
+    }
+    if !plan.reinit.is_empty() {
+        warnings.push(format!("initialised afresh instead of inherited: {}", plan.reinit.join(", ")));
+    }
+    Ok((config, warnings))
+}
+
+/// The tensors of the result, one at a time, in checkpoint order: globals, then blocks.
+pub fn resulting_tensors<'c>(ckpt: &'c Checkpoint, plan: &'c Plan, dtype: Option<Dtype>, seed: u64) -> impl Iterator<Item = Result<OutTensor<'c>>> + 'c {
+    let arch = ckpt.arch;
+    let t = &arch.tensors;
+    let reinit = |role: &str| plan.reinit.iter().any(|r| r == role);
+    let globals: Vec<(String, Fresh)> = ckpt
+        .names()
+        .filter(|n| arch.split_block_name(n).is_none())
+        .map(|n| {
+            let fresh = if reinit("final_norm") && t.final_norm.iter().any(|f| f == n) {
+                if n.ends_with(".bias") { Fresh::Zeros } else { Fresh::Ones }
+            } else if reinit("position_embedding") && t.position_embedding.as_deref() == Some(n) {
+                Fresh::Normal(ckpt.config["initializer_range"].as_f64().unwrap_or(0.02))
+            } else {
+                Fresh::No
+            };
+            (n.to_string(), fresh)
+        })
+        .collect();
+    let fold = arch.index_dependent.iter().any(|d| d.carry == Carry::FoldIntoQuery && ckpt.config[&d.key].as_bool() == Some(true));
+    let d_model = ckpt.dims.d_model as i64;
+    let blocks = plan.layers.iter().enumerate().flat_map(move |(j, src)| {
+        let prefix = arch.block_prefix(src.from);
+        ckpt.names().filter(move |n| n.starts_with(&prefix)).map(move |n| {
+            let inner = &n[arch.block_prefix(src.from).len()..];
+            let zero = src.edits.contains(&Edit::ZeroOutput) && arch.tensors.output_projections.iter().any(|p| p == inner);
+            let change = if zero {
+                Change::Zero
+            } else if fold && src.from != j && inner.starts_with("attn.c_attn.") {
+                Change::ScaleQuery((j + 1) as f64 / (src.from + 1) as f64)
+            } else {
+                Change::None
+            };
+            (format!("{}{inner}", arch.block_prefix(j)), n.to_string(), change)
+        })
+    });
+    let globals = globals.into_iter().map(move |(name, fresh)| emit_global(ckpt, name, fresh, dtype, seed));
+    globals.chain(blocks.map(move |(out, src, change)| emit(ckpt, out, &src, change, dtype, d_model)))
+}
+
+enum Fresh {
+    No,
+    Ones,
+    Zeros,
+    Normal(f64),
+}
+
+enum Change {
+    None,
+    Zero,
+    /// GPT-2: multiply the query third of c_attn (columns `..d_model` of the weight, and of the bias).
+    ScaleQuery(f64),
+}
+
+fn emit_global(ckpt: &Checkpoint, name: String, fresh: Fresh, dtype: Option<Dtype>, seed: u64) -> Result<OutTensor<'_>> {
+    let fill = |t: Tensor| -> Result<Tensor> {
+        Ok(match fresh {
+            Fresh::No => unreachable!(),
+            Fresh::Ones => t.ones_like(),
+            Fresh::Zeros => t.zeros_like(),
+            Fresh::Normal(std) => {
+                tch::manual_seed(seed as i64);
+                t.to_kind(Kind::Float).randn_like() * std
+            }
+        })
+    };
+    match fresh {
+        Fresh::No => emit(ckpt, name.clone(), &name, Change::None, dtype, 0),
+        _ => {
+            let t = fill(ckpt.tensor(&name)?)?;
+            to_out(name.clone(), &t, dtype.unwrap_or(ckpt.entry(&name)?.dtype))
+        }
+    }
+}
+
+fn emit<'c>(ckpt: &'c Checkpoint, out: String, src: &str, change: Change, dtype: Option<Dtype>, d_model: i64) -> Result<OutTensor<'c>> {
+    let stored = ckpt.entry(src)?;
+    let target = dtype.unwrap_or(stored.dtype);
+    if matches!(change, Change::None) && target == stored.dtype {
+        return Ok(OutTensor { name: out, dtype: stored.dtype, shape: stored.shape.clone(), data: Cow::Borrowed(ckpt.bytes(src)?) });
+    }
+    let t = ckpt.tensor(src)?;
+    let t = match change {
+        Change::None => t,
+        Change::Zero => t.zeros_like(),
+        Change::ScaleQuery(s) => {
+            let t = t.to_kind(Kind::Float);
+            let q = t.narrow(-1, 0, d_model) * s;
+            Tensor::cat(&[q, t.narrow(-1, d_model, t.size().last().unwrap() - d_model)], -1)
+        }
+    };
+    to_out(out, &t, target)
+}
+
+pub fn to_out(name: String, t: &Tensor, dtype: Dtype) -> Result<OutTensor<'static>> {
+    let t = t.to_kind(kind_of(dtype)?).contiguous();
+    debug_assert_eq!(dtype_of(t.kind())?, dtype);
+    let numel = t.numel();
+    let mut bytes = vec![0u8; numel * dtype.bitsize() / 8];
+    t.f_copy_data_u8(&mut bytes, numel)?;
+    Ok(OutTensor { name, dtype, shape: t.size().iter().map(|&d| d as usize).collect(), data: Cow::Owned(bytes) })
+}

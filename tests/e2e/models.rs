@@ -1,0 +1,152 @@
+//! Looking at models, analyzing them, and what bad input gets.
+
+use crate::{run, scalpel, tiny, token_ids_npy};
+
+#[test]
+fn inspect_reads_the_shape_off_config_and_weights() {
+    let out = run(scalpel().args(["inspect", "--json"]).arg(tiny("tiny-llama"))).success();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!((v["family"].as_str(), v["layers"].as_u64(), v["heads"].as_u64(), v["kv_heads"].as_u64()), (Some("llama"), Some(4), Some(6), Some(2)));
+    assert_eq!(v["tied_embeddings"], false);
+    let out = run(scalpel().args(["inspect", "--json"]).arg(tiny("tiny-gpt2"))).success();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!((v["family"].as_str(), v["tied_embeddings"].as_bool()), (Some("gpt2"), Some(true)));
+}
+
+#[test]
+fn analyze_reports_every_layer_and_writes_reports_and_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = token_ids_npy(dir.path(), 6, 12, 103);
+    let out_dir = dir.path().join("analysis");
+    let out = run(scalpel().arg("analyze").arg(tiny("tiny-llama")).arg("--calib").arg(&ids).arg("-o").arg(&out_dir)).success();
+    // The per-layer table has a row per layer.
+    for l in 0..4 {
+        assert!(out.stdout.lines().any(|line| line.trim_start().starts_with(&format!("{l} "))), "no row for layer {l}:\n{}", out.stdout);
+    }
+    let reports: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("reports.json")).unwrap()).unwrap();
+    for analyzer in ["attn-rank", "attn-mass", "attn-entropy"] {
+        assert_eq!(reports[analyzer]["analyzer"], analyzer);
+    }
+    let ranks = reports["attn-rank"]["metrics"].as_array().unwrap().iter().find(|m| m["name"] == "max_rank").unwrap();
+    let ranks: Vec<f64> = ranks["per_layer"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(ranks.len(), 4);
+    assert!(ranks.iter().all(|&r| (1.0..=12.0).contains(&r)), "k* lies in 1..=T: {ranks:?}");
+    for f in ["profile.svg", "profile.png", "profile.csv", "attention.png", "recipe.toml", "record.json"] {
+        assert!(out_dir.join(f).exists(), "{f} missing");
+    }
+}
+
+#[test]
+fn a_recipe_runs_analyzers_and_strategies_into_one_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = token_ids_npy(dir.path(), 4, 10, 103);
+    let recipe = dir.path().join("r.toml");
+    let text = format!(
+        "model = {:?}\noutput = \"out\"\n[calibration]\nfile = {:?}\n\n[[step]]\nanalyzer = \"attn-rank\"\n\n[[step]]\nstrategy = \"stack\"\nconfig = {{ start = 2, times = 2 }}\n",
+        tiny("tiny-llama"),
+        ids
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let out = run(scalpel().arg("run").arg(&recipe)).success();
+    assert!(out.stdout.contains("plan: 4 layers -> 6 layers"), "{}", out.stdout);
+    let out_dir = dir.path().join("out"); // relative to the recipe's folder
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("model/config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_hidden_layers"], 6);
+    assert!(out_dir.join("reports.json").exists() && out_dir.join("model/scalpel.json").exists());
+}
+
+#[test]
+fn cutoff_reads_the_reports_of_an_earlier_analysis() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = token_ids_npy(dir.path(), 4, 10, 103);
+    let analysis = dir.path().join("analysis");
+    run(scalpel().args(["analyze", "-a", "attn-rank"]).arg(tiny("tiny-llama")).arg("--calib").arg(&ids).arg("-o").arg(&analysis)).success();
+    let reports: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(analysis.join("reports.json")).unwrap()).unwrap();
+    let max_rank: Vec<f64> = reports["attn-rank"]["metrics"].as_array().unwrap().iter().find(|m| m["name"] == "max_rank").unwrap()["per_layer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    // With the last layer's value as the threshold, the trailing run is every final layer at or below it.
+    let threshold = max_rank[3];
+    let expected_keep = 4 - max_rank.iter().rev().take_while(|&&v| v <= threshold).count();
+    let out = run(scalpel().args(["apply", "-s", "cutoff", "--dry-run", "--set"]).arg(format!("threshold={threshold}")).arg("--reports").arg(analysis.join("reports.json")).arg(tiny("tiny-llama")));
+    if expected_keep == 0 {
+        let out = out.failure();
+        assert!(out.stderr.contains("fewer than min_keep"), "{}", out.stderr);
+    } else {
+        let out = out.success();
+        assert!(out.stdout.contains(&format!("plan: 4 layers -> {expected_keep} layers")), "{}", out.stdout);
+        assert!(out.stdout.contains("attn-rank.max_rank"), "the evidence is printed: {}", out.stdout);
+    }
+}
+
+#[test]
+fn analyzers_need_calibration_data() {
+    let out = run(scalpel().arg("analyze").arg(tiny("tiny-llama"))).failure();
+    assert!(out.stderr.contains("--calib"), "{}", out.stderr);
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = token_ids_npy(dir.path(), 2, 8, 5000);
+    let out = run(scalpel().arg("analyze").arg(tiny("tiny-llama")).arg("--calib").arg(&ids)).failure();
+    assert!(out.stderr.contains("0..103"), "{}", out.stderr);
+}
+
+#[test]
+fn a_missing_folder_a_missing_config_and_a_truncated_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(scalpel().arg("inspect").arg(dir.path().join("nope"))).failure();
+    assert!(out.stderr.contains("is not a folder"), "{}", out.stderr);
+    let out = run(scalpel().arg("inspect").arg(dir.path())).failure();
+    assert!(out.stderr.contains("no readable config.json"), "{}", out.stderr);
+    let broken = dir.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::copy(tiny("tiny-llama").join("config.json"), broken.join("config.json")).unwrap();
+    let weights = std::fs::read(tiny("tiny-llama").join("model.safetensors")).unwrap();
+    std::fs::write(broken.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap();
+    let out = run(scalpel().arg("inspect").arg(&broken)).failure();
+    assert!(out.stderr.contains("model.safetensors") && out.stderr.contains("truncated or corrupt"), "{}", out.stderr);
+}
+
+#[test]
+fn a_config_whose_layer_count_disagrees_with_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    std::fs::create_dir(&model).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny("tiny-llama").join("config.json")).unwrap()).unwrap();
+    config["num_hidden_layers"] = 6.into();
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(tiny("tiny-llama").join("model.safetensors"), model.join("model.safetensors")).unwrap();
+    let out = run(scalpel().arg("inspect").arg(&model)).failure();
+    assert!(out.stderr.contains("says 6 layers") && out.stderr.contains("layer 4"), "{}", out.stderr);
+}
+
+#[test]
+fn a_panicking_analyzer_is_an_error_naming_plugin_and_item() {
+    let dir = crate::plugin_dir(&[("panics", "panics")]);
+    let calib = tempfile::tempdir().unwrap();
+    let ids = token_ids_npy(calib.path(), 2, 8, 103);
+    let out = run(scalpel().arg("--plugins").arg(dir.path()).args(["analyze", "-a", "fixture-panic"]).arg(tiny("tiny-llama")).arg("--calib").arg(&ids)).failure();
+    assert!(
+        out.stderr.contains("analyzer `fixture-panic` (plugin scalpel-fixture-panics) failed") && out.stderr.contains("deliberate panic"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_libtorch_error_inside_a_strategy_is_an_error_naming_plugin_and_item() {
+    let dir = crate::plugin_dir(&[("panics", "panics")]);
+    let out = run(scalpel().arg("--plugins").arg(dir.path()).args(["apply", "-s", "fixture-torch-error", "--dry-run"]).arg(tiny("tiny-llama"))).failure();
+    assert!(out.stderr.contains("strategy `fixture-torch-error` (plugin scalpel-fixture-panics) failed") && out.stderr.contains("mat"), "{}", out.stderr);
+}
+
+#[test]
+fn an_unknown_setting_is_refused_before_any_work() {
+    let out = run(scalpel().args(["apply", "-s", "stack", "--set", "tims=3", "--dry-run"]).arg(tiny("tiny-llama"))).failure();
+    assert!(out.stderr.contains("unknown config key `tims`"), "{}", out.stderr);
+}
