@@ -369,14 +369,7 @@ fn write_figures(reports: &Reports, session: &Session, cut: Option<usize>, model
         }
     }
     let info = session.info();
-    let maps: Vec<(usize, usize)> = if maps.is_empty() {
-        let l = info.layers;
-        let mut v = vec![(0, 0), (l / 4, 0), (l / 2, 0), (l - 1, 0)];
-        v.dedup();
-        v
-    } else {
-        maps.to_vec()
-    };
+    let maps = if maps.is_empty() { default_maps(reports, info.layers) } else { maps.to_vec() };
     let mut panels = Vec::new();
     for &(layer, head) in &maps {
         if layer >= info.layers || head >= info.heads {
@@ -389,6 +382,22 @@ fn write_figures(reports: &Reports, session: &Session, cut: Option<usize>, model
     }
     files.extend(plots::attention_maps(&panels, &format!("{model}: attention of the first calibration window"), out, "attention")?);
     Ok(files)
+}
+
+/// The first and last layers' head 0, and the heads of lowest and highest rank, when a rank report exists.
+fn default_maps(reports: &Reports, layers: usize) -> Vec<(usize, usize)> {
+    let mut maps = vec![(0, 0)];
+    if let Some(per_head) = reports.get("attn-rank").ok().and_then(|r| r.get("max_rank").ok()).and_then(|m| m.per_head.as_ref()) {
+        let cells = per_head.iter().enumerate().flat_map(|(l, hs)| hs.iter().enumerate().map(move |(h, &v)| (v, l, h)));
+        let by_value = |a: &(f64, usize, usize), b: &(f64, usize, usize)| a.0.total_cmp(&b.0);
+        maps.extend(cells.clone().min_by(by_value).map(|(_, l, h)| (l, h)));
+        maps.extend(cells.max_by(by_value).map(|(_, l, h)| (l, h)));
+    } else {
+        maps.push((layers / 2, 0));
+    }
+    maps.push((layers - 1, 0));
+    maps.dedup();
+    maps
 }
 
 /// What produced an output: the recipe, the plugins that ran, checksums of the inputs.

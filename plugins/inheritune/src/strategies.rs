@@ -42,6 +42,8 @@ pub struct CutoffConfig {
     pub threshold: f64,
     /// Never keep fewer layers than this.
     pub min_keep: usize,
+    /// When the report shows no trailing degenerate run: `half` falls back to L/2 (noting why); unset is an error.
+    pub fallback: Option<CutRule>,
     /// Which reading of the inherit step to follow.
     pub inherit: Inherit,
 }
@@ -55,6 +57,7 @@ impl Default for CutoffConfig {
             metric: "max_rank".into(),
             threshold: 1.0,
             min_keep: 1,
+            fallback: None,
             inherit: Inherit::Paper,
         }
     }
@@ -68,8 +71,16 @@ impl Strategy for Cutoff {
         let layers = model.info().layers;
         let (keep, why) = match (c.keep, c.rule) {
             (Some(k), _) => (k, format!("keep = {k} was given")),
-            (None, CutRule::Half) => (layers / 2, format!("rule `half`: {layers} / 2")),
-            (None, CutRule::TrailingDegenerate) => trailing_degenerate(reports, c, layers)?,
+            (None, CutRule::Half) => half(layers),
+            (None, CutRule::TrailingDegenerate) => match (trailing_degenerate(reports, c, layers), c.fallback) {
+                (Ok(found), _) => found,
+                (Err(none), Some(CutRule::Half)) => {
+                    let (keep, why) = half(layers);
+                    (keep, format!("{why}, the fallback, because {none:#}"))
+                }
+                (Err(e), Some(CutRule::TrailingDegenerate)) => bail!("`fallback` must be another rule than `rule`: {e:#}"),
+                (Err(e), None) => return Err(e),
+            },
         };
         ensure!(keep >= c.min_keep.max(1), "cutoff would keep {keep} layers, fewer than min_keep = {}; {why}", c.min_keep.max(1));
         ensure!(keep <= layers, "cutoff cannot keep {keep} layers of {layers}");
@@ -82,6 +93,10 @@ impl Strategy for Cutoff {
     }
 }
 
+fn half(layers: usize) -> (usize, String) {
+    (layers / 2, format!("rule `half` (the paper's default l = L/2): {layers} / 2"))
+}
+
 /// The start of the trailing run of layers whose metric is at most the threshold, with the evidence.
 fn trailing_degenerate(reports: &Reports, c: &CutoffConfig, layers: usize) -> Result<(usize, String)> {
     let values = &reports.get(&c.report)?.get(&c.metric)?.per_layer;
@@ -92,7 +107,7 @@ fn trailing_degenerate(reports: &Reports, c: &CutoffConfig, layers: usize) -> Re
     if run == 0 {
         bail!(
             "no trailing run of degenerate layers: the last layer's {} is {:.2} > threshold {} (per layer {}). \
-             Raise `threshold`, give `keep`, or use `rule = \"half\"`",
+             Raise `threshold`, give `keep`, use `rule = \"half\"`, or `fallback = \"half\"`",
             c.metric,
             values[layers - 1],
             c.threshold,
@@ -308,6 +323,13 @@ mod tests {
         assert!(e.contains("no trailing run") && e.contains("threshold") && e.contains("2:2.00"), "{e}");
         let p = plan("cutoff", 3, r#"{"threshold": 3.0}"#, &rank_report(&[5.0, 3.0, 2.0])).unwrap();
         assert_eq!(p.sources(), vec![0]);
+    }
+
+    #[test]
+    fn cutoff_falls_back_to_half_with_the_reason_when_asked() {
+        let p = plan("cutoff", 6, r#"{"fallback": "half"}"#, &rank_report(&[5.0, 3.0, 2.0, 9.0, 4.0, 3.0])).unwrap();
+        assert_eq!(p.sources(), vec![0, 1, 2]);
+        assert!(p.notes[0].contains("fallback") && p.notes[0].contains("no trailing run") && p.notes[0].contains("5:3.00"), "{:?}", p.notes);
     }
 
     #[test]
