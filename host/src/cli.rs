@@ -80,6 +80,14 @@ enum Command {
         #[arg(long)]
         bos: bool,
     },
+    /// Compare the forward pass on --device (a GPU) with the CPU: logits and every layer's attention.
+    DeviceCheck {
+        model: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        windows: usize,
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+    },
     /// Run analyzers over calibration windows: per-layer table, reports, plots.
     Analyze {
         model: PathBuf,
@@ -191,6 +199,7 @@ pub fn run() -> Result<()> {
         Command::Eval { model, text, tokens, windows, bos } => {
             return inspect::eval(&Checkpoint::open(&model)?, device, &text, tokens, windows, bos, cli.json)
         }
+        Command::DeviceCheck { model, windows, tokens } => return inspect::device_check(&Checkpoint::open(&model)?, device, windows, tokens, cli.json),
         _ => {}
     }
     let registry = plugins::Registry::load(&plugins::search_path(&cli.plugin_dirs));
@@ -226,7 +235,7 @@ pub fn run() -> Result<()> {
             }
             recipe::run(&recipe, &registry, &opts(dry_run, force, vec![]))
         }
-        Command::Inspect { .. } | Command::Import { .. } | Command::Generate { .. } | Command::Eval { .. } => unreachable!(),
+        Command::Inspect { .. } | Command::Import { .. } | Command::Generate { .. } | Command::Eval { .. } | Command::DeviceCheck { .. } => unreachable!(),
     }
 }
 

@@ -132,3 +132,31 @@ pub fn eval(ckpt: &Checkpoint, device: Device, text: &Path, tokens: usize, max_w
     }
     Ok(())
 }
+
+/// Runs the same windows through the model on the CPU and on `device`, and reports the largest
+/// differences of logits and of every layer's attention: is this GPU set-up computing the same model?
+pub fn device_check(ckpt: &Checkpoint, device: Device, windows: usize, tokens: usize, json: bool) -> Result<()> {
+    if device == Device::Cpu {
+        bail!("device-check compares a GPU with the CPU: pass --device cuda");
+    }
+    let ids = Tensor::arange((windows * tokens) as i64, (Kind::Int64, Device::Cpu)).remainder(ckpt.dims.vocab as i64).reshape([windows as i64, tokens as i64]);
+    let (cpu, gpu) = (Transformer::load(ckpt, Device::Cpu, Kind::Float)?, Transformer::load(ckpt, device, Kind::Float)?);
+    let _guard = tch::no_grad_guard();
+    let diff = |a: &Tensor, b: &Tensor| (a - b.to_device(Device::Cpu)).abs().max().double_value(&[]);
+    let (mut h_cpu, mut h_gpu) = (cpu.embed(&ids)?, gpu.embed(&ids)?);
+    let mut attention = Vec::new();
+    for i in 0..ckpt.dims.layers {
+        attention.push(diff(&cpu.attention(i, &h_cpu)?, &gpu.attention(i, &h_gpu)?));
+        h_cpu = cpu.block(i, &h_cpu)?;
+        h_gpu = gpu.block(i, &h_gpu)?;
+    }
+    let logits = diff(&cpu.head(&h_cpu)?, &gpu.head(&h_gpu)?);
+    let worst = attention.iter().cloned().fold(0.0, f64::max);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&json!({ "device": format!("{device:?}"), "logits_max_abs_diff": logits, "attention_max_abs_diff": attention }))?);
+    } else {
+        println!("{:?} vs Cpu over {windows} windows of {tokens} tokens: logits max |diff| {logits:.3e}, attention max |diff| {worst:.3e} (worst layer {})",
+            device, attention.iter().position(|&d| d == worst).unwrap_or(0));
+    }
+    Ok(())
+}

@@ -148,10 +148,11 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options) -> Result<()> {
             let sampling = Sampling { sequences: c.sequences, tokens: c.tokens, seed: c.seed, bos: c.bos };
             Some(Windows::load(&c.file, tokenizer, ckpt.dims.vocab, &sampling)?)
         }
-        (None, true) => bail!("analyzers need calibration data: --calib FILE (or a [calibration] table in the recipe)"),
+        // Analyzers that read only weights need none; one that asks for activations gets a clear error.
         _ => None,
     };
     let session = Session::new(&ckpt, device, windows);
+    eprintln!("{} ({} layers) on {}", model_dir.display(), ckpt.dims.layers, session.info().device);
 
     let mut reports = match &recipe.reports {
         Some(file) => {
@@ -196,6 +197,11 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&reports)?);
         } else {
             print_profile(&reports, plan.as_ref(), ckpt.dims.layers);
+            for r in reports.0.values() {
+                for n in &r.notes {
+                    println!("{}: {n}", r.analyzer);
+                }
+            }
         }
     }
     let resulting = match &plan {

@@ -83,9 +83,11 @@ fn cutoff_reads_the_reports_of_an_earlier_analysis() {
 }
 
 #[test]
-fn analyzers_need_calibration_data() {
-    let out = run(scalpel().arg("analyze").arg(tiny("tiny-llama"))).failure();
+fn attention_analyzers_need_calibration_data_weight_analyzers_do_not() {
+    let out = run(scalpel().args(["analyze", "-a", "attn-rank"]).arg(tiny("tiny-llama"))).failure();
     assert!(out.stderr.contains("--calib"), "{}", out.stderr);
+    let out = run(scalpel().args(["analyze", "-a", "weight-norms"]).arg(tiny("tiny-llama"))).success();
+    assert!(out.stdout.contains("weight_norm"), "{}", out.stdout);
 }
 
 #[test]

@@ -18,15 +18,18 @@ impl Analyzer for WeightNorms {
     fn analyze(&self, model: &Model, config: &WeightNormsConfig) -> Result<Report> {
         let info = model.info();
         let mut norms = vec![0.0; info.layers];
+        let mut device = Device::Cpu;
         for (layer, norm) in norms.iter_mut().enumerate() {
             let prefix = format!(".{layer}.");
             for name in info.tensors.iter().filter(|n| n.contains(&prefix) && n.ends_with("weight")) {
-                let t = model.tensor(name)?.to_kind(Kind::Double);
+                let t = model.tensor(name)?;
+                device = t.device();
                 let scale = if config.per_element { (t.numel() as f64).sqrt() } else { 1.0 };
-                *norm += t.norm().double_value(&[]) / scale;
+                *norm += t.to_kind(Kind::Double).norm().double_value(&[]) / scale;
             }
         }
-        Ok(Report::new().metric(Metric::per_layer("weight_norm", norms).about("sum of the Frobenius norms of a block's weights")))
+        let metric = Metric::per_layer("weight_norm", norms).about("sum of the Frobenius norms of a block's weights");
+        Ok(Report::new().metric(metric).note(format!("computed on {device:?}")))
     }
 }
 
