@@ -34,7 +34,7 @@ enum Command {
         /// An analyzer or strategy name, e.g. attn-rank.
         name: String,
     },
-    /// Family, layers, heads, sizes, dtype and tokenizer of an HF model folder.
+    /// Family, layers, heads, sizes, dtype and tokenizer of an HF model folder (or what a GGUF file holds).
     Inspect {
         model: PathBuf,
     },
@@ -190,6 +190,7 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     let device = cuda::device(&cli.device)?;
     match cli.command {
+        Command::Inspect { model } if model.extension().is_some_and(|e| e == "gguf") => return inspect::inspect_gguf(&model, cli.json),
         Command::Inspect { model } => return inspect::inspect(&Checkpoint::open(&model)?, cli.json),
         Command::Import { gguf, out, dtype, force } => return crate::import::import(&gguf, &out, parse_dtype(&dtype)?, force),
         Command::Generate { model, prompt, max_tokens, top_p, temperature, seed } => {

@@ -48,10 +48,6 @@ pub fn libtorch_dir() -> Option<PathBuf> {
         .and_then(|p| PathBuf::from(p).parent().map(|d| d.to_path_buf()))
 }
 
-pub fn available() -> bool {
-    matches!(init(), CudaBackend::Loaded { .. }) && tch::Cuda::is_available()
-}
-
 /// Parses `cpu`, `cuda` or `cuda:N` into a device, with an explanation when CUDA cannot be had.
 pub fn device(spec: &str) -> Result<tch::Device> {
     let index = match spec {
@@ -84,8 +80,8 @@ pub fn device(spec: &str) -> Result<tch::Device> {
 
 pub fn describe() -> String {
     match init() {
-        CudaBackend::Loaded { .. } if tch::Cuda::is_available() => {
-            format!("available ({} GPU(s))", tch::Cuda::device_count())
+        CudaBackend::Loaded { path } if tch::Cuda::is_available() => {
+            format!("available ({} GPU(s), {})", tch::Cuda::device_count(), path.display())
         }
         CudaBackend::Loaded { .. } => "backend loaded, but no GPU visible".into(),
         CudaBackend::Absent { .. } => "not available (CPU-only libtorch)".into(),

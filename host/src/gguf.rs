@@ -137,6 +137,13 @@ pub struct TensorInfo {
     pub offset: u64,
 }
 
+impl TensorInfo {
+    /// The ggml type's name (`Q4_1`), or `type N` for an id ggml does not define.
+    pub fn type_name(&self) -> String {
+        GGML_TYPES.iter().find(|t| t.id == self.ggml_type).map_or(format!("type {}", self.ggml_type), |t| t.name.to_string())
+    }
+}
+
 /// An open, memory-mapped GGUF file.
 pub struct GgufFile {
     path: PathBuf,

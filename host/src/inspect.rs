@@ -45,6 +45,36 @@ pub fn inspect(ckpt: &Checkpoint, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// A GGUF file before import: version, architecture, tensor types, parameters and metadata keys.
+pub fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
+    let file = crate::gguf::GgufFile::open(path)?;
+    let mut types = std::collections::BTreeMap::new();
+    for t in file.tensors() {
+        *types.entry(t.type_name()).or_insert(0usize) += 1;
+    }
+    let parameters: usize = file.tensors().iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    let facts = json!({
+        "file": path,
+        "gguf_version": file.version(),
+        "architecture": file.architecture()?,
+        "name": file.metadata().get("general.name").and_then(|v| v.as_str()),
+        "tensors": file.tensors().len(),
+        "tensor_types": types,
+        "parameters": parameters,
+        "metadata_keys": file.metadata().len(),
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&facts)?);
+    } else {
+        for (k, v) in facts.as_object().unwrap() {
+            println!("{k:<16} {}", v.as_str().map_or(v.to_string(), String::from));
+        }
+        println!("
+convert it with `scalpel import {} OUT_DIR`", path.display());
+    }
+    Ok(())
+}
+
 pub struct Sampling {
     pub top_p: Option<f64>,
     pub temperature: f64,

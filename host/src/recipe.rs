@@ -220,11 +220,13 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options) -> Result<()> {
     };
 
     let out = &staging.tmp;
-    let mut written = Vec::new();
     if !reports.0.is_empty() {
         std::fs::write(out.join("reports.json"), serde_json::to_string_pretty(&reports)? + "\n")?;
-        written.push(out.join("reports.json"));
-        written.extend(write_figures(&reports, &session, cut, &model_name(model_dir), out, &opts.maps)?);
+        write_figures(&reports, &session, cut, &model_name(model_dir), out, &opts.maps)?;
+    }
+    if let Some(ids) = session.calibration_ids() {
+        // The exact windows, so that anyone can rerun this analysis with `--calib calibration.safetensors`.
+        Tensor::write_safetensors(&[("input_ids", ids)], out.join("calibration.safetensors"))?;
     }
     let record = record(recipe, registry, &ckpt, session.info(), plan.as_ref())?;
     std::fs::write(out.join("recipe.toml"), recipe.to_toml()?)?;

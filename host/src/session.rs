@@ -44,6 +44,11 @@ impl<'a> Session<'a> {
         Session { ckpt, info, device, net: OnceCell::new(), windows, hidden: OnceCell::new() }
     }
 
+    /// The calibration windows' token ids, `[N, T]`.
+    pub fn calibration_ids(&self) -> Option<&Tensor> {
+        self.windows.as_ref().map(|w| &w.ids)
+    }
+
     /// The forward pass, loaded on first use (strategies that only plan never pay for it).
     fn net(&self) -> Result<&Transformer> {
         if let Some(n) = self.net.get() {

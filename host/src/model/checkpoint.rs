@@ -61,6 +61,15 @@ impl Checkpoint {
             .as_str()
             .ok_or_else(|| anyhow!("{} has no `model_type`, so its architecture is unknown", config_path.display()))?;
         let arch = arch::for_model_type(model_type).with_context(|| config_path.display().to_string())?;
+        if let Some(classes) = config["architectures"].as_array() {
+            if let Some(other) = classes.iter().filter_map(Value::as_str).find(|c| !arch.architectures.iter().any(|a| a == c)) {
+                bail!(
+                    "{}: `{other}` is not a causal language model scalpel knows (for `{model_type}`: {})",
+                    config_path.display(),
+                    arch.architectures.join(", ")
+                );
+            }
+        }
         let dims = dims(arch, &config).with_context(|| format!("reading {}", config_path.display()))?;
 
         let files = shard_files(dir)?;
@@ -121,10 +130,6 @@ impl Checkpoint {
 
     pub fn entry(&self, name: &str) -> Result<&Entry> {
         self.tensors.get(name).ok_or_else(|| anyhow!("{}: no tensor `{name}` in the checkpoint", self.dir.display()))
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
     }
 
     /// The stored bytes of a tensor (little-endian, row-major), straight from the memory map.
