@@ -36,7 +36,7 @@ pub enum RankMode {
 pub enum Precision {
     /// 64-bit: ties at the threshold resolve as in exact arithmetic.
     F64,
-    /// 32-bit: about twice as fast on the CPU (not on a GPU); k* may differ where the energy sits within
+    /// 32-bit: about 1.5× as fast on the CPU (not on a GPU); k* may differ where the energy sits within
     /// about 1e-5 (relative) of the threshold.
     F32,
 }
