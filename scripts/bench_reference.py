@@ -37,8 +37,8 @@ def main(model_dir, ids_file):
     loaded = time.time()
     n, _ = ids.shape
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
-    ranks = torch.zeros(layers, heads, n)
-    masses = torch.zeros(layers, heads, n)
+    ranks = torch.zeros(layers, heads, n, dtype=torch.float64)
+    masses = torch.zeros(layers, heads, n, dtype=torch.float64)
     forward = 0.0
     with torch.no_grad():
         for b in range(0, n, 16):

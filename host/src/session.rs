@@ -68,6 +68,7 @@ impl<'a> Session<'a> {
         };
         let net = self.net()?;
         let _guard = tch::no_grad_guard();
+        let started = std::time::Instant::now();
         let batches: Vec<Tensor> = windows.ids.split(16, 0);
         let mut per_layer: Vec<Vec<Tensor>> = (0..=net.dims.layers).map(|_| Vec::new()).collect();
         for ids in &batches {
@@ -81,6 +82,7 @@ impl<'a> Session<'a> {
             }
         }
         let hidden = per_layer.into_iter().map(|parts| Tensor::cat(&parts, 0)).collect();
+        eprintln!("forward pass over {} calibration windows: {:.1} s", windows.ids.size()[0], started.elapsed().as_secs_f64());
         Ok(self.hidden.get_or_init(|| hidden))
     }
 }

@@ -165,3 +165,106 @@ pub fn to_out(name: String, t: &Tensor, dtype: Dtype) -> Result<OutTensor<'stati
     t.f_copy_data_u8(&mut bytes, numel)?;
     Ok(OutTensor { name, dtype, shape: t.size().iter().map(|&d| d as usize).collect(), data: Cow::Owned(bytes) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::write::{write_model, Folder};
+    use crate::model::Transformer;
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+    use tch::Device;
+
+    fn data(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data").join(name)
+    }
+
+    /// Applies `plan` to a tiny checkpoint, writes it, and opens the result.
+    fn apply(name: &str, plan: &Plan, dir: &std::path::Path) -> Checkpoint {
+        let ckpt = Checkpoint::open(&data(name)).unwrap();
+        let (config, _) = resulting_config(&ckpt, plan, None).unwrap();
+        let record = serde_json::json!({});
+        let folder = Folder { config: &config, companions_from: Some(&ckpt.dir), extra_files: vec![], record: &record };
+        let out = dir.join(name);
+        write_model(&out, false, folder, resulting_tensors(&ckpt, plan, None, 0), usize::MAX).unwrap();
+        Checkpoint::open(&out).unwrap()
+    }
+
+    fn golden_ids(name: &str) -> Tensor {
+        let g: HashMap<String, Tensor> = Tensor::read_safetensors(data(name).join("golden.safetensors")).unwrap().into_iter().collect();
+        g["input_ids"].shallow_clone()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn llama_pro_copies_with_zeroed_outputs_leave_the_function_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["tiny-llama", "tiny-gpt2"] {
+            let layers = Checkpoint::open(&data(name)).unwrap().dims.layers;
+            let mut plan = Plan::ranges(&[0..2, 1..2, 2..layers]);
+            plan.layers[2].edits.push(Edit::ZeroOutput);
+            let grown = apply(name, &plan, dir.path());
+            assert_eq!(grown.dims.layers, layers + 1);
+            let ids = golden_ids(name);
+            let before = Transformer::load(&Checkpoint::open(&data(name)).unwrap(), Device::Cpu, Kind::Float).unwrap().logits(&ids).unwrap();
+            let after = Transformer::load(&grown, Device::Cpu, Kind::Float).unwrap().logits(&ids).unwrap();
+            let d = max_diff(&before, &after);
+            // GPT-2's inserted copy sits at index 2, not 1: folding keeps its scale, zeroing removes its output.
+            assert!(d < 1e-5, "{name}: logits moved by {d}");
+        }
+    }
+
+    #[test]
+    fn a_moved_gpt2_block_keeps_its_attention_scale() {
+        let dir = tempfile::tempdir().unwrap();
+        // Input block 2 becomes output block 0: its logits were divided by 3, now by 1, so q is scaled by 1/3.
+        let plan = Plan::ranges(&[2..3]);
+        let moved = apply("tiny-gpt2", &plan, dir.path());
+        let (a, b) = (
+            Transformer::load(&Checkpoint::open(&data("tiny-gpt2")).unwrap(), Device::Cpu, Kind::Float).unwrap(),
+            Transformer::load(&moved, Device::Cpu, Kind::Float).unwrap(),
+        );
+        let _guard = tch::no_grad_guard();
+        let h = a.embed(&golden_ids("tiny-gpt2")).unwrap();
+        let d = max_diff(&a.block(2, &h).unwrap(), &b.block(0, &h).unwrap());
+        assert!(d < 1e-5, "the moved block computes something else: {d}");
+        let d = max_diff(&a.attention(2, &h).unwrap(), &b.attention(0, &h).unwrap());
+        assert!(d < 1e-6, "its attention changed by {d}");
+    }
+
+    #[test]
+    fn sharded_output_reads_back_through_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = Checkpoint::open(&data("tiny-llama")).unwrap();
+        let plan = Plan::identity(ckpt.dims.layers);
+        let (config, _) = resulting_config(&ckpt, &plan, None).unwrap();
+        let record = serde_json::json!({});
+        let folder = Folder { config: &config, companions_from: Some(&ckpt.dir), extra_files: vec![], record: &record };
+        let out = dir.path().join("sharded");
+        write_model(&out, false, folder, resulting_tensors(&ckpt, &plan, None, 0), 100_000).unwrap();
+        assert!(out.join("model.safetensors.index.json").exists() && out.join("model-00001-of-00004.safetensors").exists());
+        let back = Checkpoint::open(&out).unwrap();
+        for name in ckpt.names() {
+            assert_eq!(back.bytes(name).unwrap(), ckpt.bytes(name).unwrap(), "{name}");
+        }
+    }
+
+    #[test]
+    fn released_code_reinit_gives_fresh_final_norm_and_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut plan = Plan::ranges(&[0..2]);
+        plan.reinit = vec!["final_norm".into(), "position_embedding".into()];
+        let cut = apply("tiny-gpt2", &plan, dir.path());
+        let w = cut.tensor("transformer.ln_f.weight").unwrap();
+        assert_eq!(max_diff(&w, &w.ones_like()), 0.0);
+        assert_eq!(cut.tensor("transformer.ln_f.bias").unwrap().abs().max().double_value(&[]), 0.0);
+        let wpe = cut.tensor("transformer.wpe.weight").unwrap();
+        let std = wpe.std(true).double_value(&[]);
+        assert!((std - 0.02).abs() < 0.003, "fresh positions ~ N(0, 0.02): std {std}");
+        let old = Checkpoint::open(&data("tiny-gpt2")).unwrap().tensor("transformer.wpe.weight").unwrap();
+        assert!(max_diff(&wpe, &old) > 0.01);
+    }
+}

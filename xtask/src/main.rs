@@ -5,6 +5,8 @@
 //! - `build`  setup, then a release build of the whole workspace (host, plugins, fixtures).
 //! - `test`   build, then every test.
 //! - `demo`   build, fetch a real model and text, and run scalpel's main job on them.
+//! - `bench`  build, then time scalpel's analysis of SmolLM2 against the paper-style Python reference
+//!            in the same run; appends a row to BENCHMARKS.md.
 //! - `dist`   build, then pack the host and plugins (never libtorch) into `dist/` for a GPU machine.
 //!
 //! Downloads go through pip and npm, the registries this project may reach; every file is
@@ -38,13 +40,17 @@ fn run() -> Result<()> {
             build(&repo)?;
             demo(&repo, rest)
         }
+        "bench" => {
+            build(&repo)?;
+            bench(&repo)
+        }
         "dist" => {
             build(&repo)?;
             dist(&repo)
         }
         _ => {
-            println!("usage: cargo xtask <setup|build|test|demo|dist> [args]\n");
-            println!("{}", include_str!("main.rs").lines().take(9).skip(2).map(|l| l.trim_start_matches("//! ")).collect::<Vec<_>>().join("\n"));
+            println!("usage: cargo xtask <setup|build|test|demo|bench|dist> [args]\n");
+            println!("{}", include_str!("main.rs").lines().take(11).skip(2).map(|l| l.trim_start_matches("//! ")).collect::<Vec<_>>().join("\n"));
             Ok(())
         }
     }
@@ -86,25 +92,132 @@ fn test(repo: &Path, extra: &[String]) -> Result<()> {
     cargo(repo, &args)
 }
 
-/// The main job on a real model: SmolLM2-135M imported from GGUF, analyzed on Brown-corpus windows,
-/// profiled, plotted and cut. Extra arguments go to `scalpel run` (e.g. `--device cuda`).
-fn demo(repo: &Path, extra: &[String]) -> Result<()> {
-    let cache = fetch::cache_dir()?;
-    let gguf = fetch::smollm2(&cache)?;
-    let text = fetch::brown_corpus(&cache)?;
-    let scalpel = repo.join("target/release/scalpel");
-    let runs = repo.join("runs");
-    let model = runs.join("smollm2-135m");
+/// SmolLM2-135M as an HF folder under `runs/`, imported from its GGUF on first use.
+fn smollm2_folder(repo: &Path) -> Result<PathBuf> {
+    let model = repo.join("runs").join("smollm2-135m");
     if !model.exists() {
-        let mut import = Command::new(&scalpel);
+        let gguf = fetch::smollm2(&fetch::cache_dir()?)?;
+        let mut import = Command::new(repo.join("target/release/scalpel"));
         import.arg("import").arg(&gguf).arg(&model);
         status(import)?;
     }
-    let mut run = Command::new(&scalpel);
+    Ok(model)
+}
+
+/// The main job on a real model: SmolLM2-135M imported from GGUF, analyzed on Brown-corpus windows,
+/// profiled, plotted and cut. Extra arguments go to `scalpel run` (e.g. `--device cuda`).
+fn demo(repo: &Path, extra: &[String]) -> Result<()> {
+    let model = smollm2_folder(repo)?;
+    let text = fetch::brown_corpus(&fetch::cache_dir()?)?;
+    let mut run = Command::new(repo.join("target/release/scalpel"));
     run.arg("run").arg(repo.join("examples/recipes/inheritune.toml"));
     run.arg("--model").arg(&model).arg("--calib").arg(&text);
-    run.arg("-o").arg(runs.join("inheritune-smollm2")).arg("--force").args(extra);
+    run.arg("-o").arg(repo.join("runs/inheritune-smollm2")).arg("--force").args(extra);
     status(run)
+}
+
+/// scalpel's analysis (attn-rank + attn-mass, N = T = 100) against `scripts/bench_reference.py` (transformers
+/// eager attention + one `torch.linalg.svdvals` per matrix) on the same windows, same machine, same run.
+fn bench(repo: &Path) -> Result<()> {
+    let model = smollm2_folder(repo)?;
+    let text = fetch::brown_corpus(&fetch::cache_dir()?)?;
+    let out = repo.join("runs/bench");
+    let started = std::time::Instant::now();
+    let mut analyze = Command::new(repo.join("target/release/scalpel"));
+    analyze.arg("analyze").arg(&model).args(["-a", "attn-rank", "-a", "attn-mass", "-n", "100", "-t", "100", "--json", "--calib"]);
+    analyze.arg(&text).arg("-o").arg(out.join("scalpel")).arg("--force");
+    let scalpel_out = output(analyze)?;
+    let scalpel_s = started.elapsed().as_secs_f64();
+
+    eprintln!("xtask: preparing the Python reference (tests/golden/setup_env.sh: torch 2.11 + transformers)");
+    let mut setup = Command::new("bash");
+    setup.arg(repo.join("tests/golden/setup_env.sh"));
+    status(setup)?;
+    let python = python_env();
+    let started = std::time::Instant::now();
+    let mut reference = Command::new(&python);
+    reference.arg(repo.join("scripts/bench_reference.py")).arg(&model).arg(out.join("scalpel/calibration.safetensors"));
+    let reference_out = output(reference)?;
+    let reference_s = started.elapsed().as_secs_f64();
+    let r = json_line(&reference_out)?;
+
+    // Both sides must have computed the same numbers.
+    let reports = json_value(&scalpel_out)?;
+    let ours = |analyzer: &str, metric: &str| -> Vec<f64> {
+        reports[analyzer]["metrics"].as_array().into_iter().flatten().find(|m| m["name"] == metric)
+            .map(|m| m["per_layer"].as_array().unwrap().iter().filter_map(|v| v.as_f64()).collect()).unwrap_or_default()
+    };
+    let theirs = |key: &str| -> Vec<f64> { r[key].as_array().into_iter().flatten().filter_map(|v| v.as_f64()).collect() };
+    let same = |a: &[f64], b: &[f64]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+    let agree = same(&ours("attn-rank", "max_rank"), &theirs("max_rank")) && same(&ours("attn-mass", "avg_mass"), &theirs("avg_mass"));
+
+    let mut kernel = Command::new(repo.join("target/release/bench-metrics"));
+    kernel.args(["--matrices", "27000"]);
+    let k = json_line(&output(kernel)?)?;
+
+    let machine = machine();
+    let row = format!(
+        "| {} | {machine} | CPU | {scalpel_s:.1} | {reference_s:.1} (forward {:.1}, svdvals {:.1}) | **{:.1}x** | {} | {:.2} s vs {:.2} s (**{:.1}x**) |",
+        today(),
+        r["forward_s"].as_f64().unwrap_or(0.0),
+        r["metrics_s"].as_f64().unwrap_or(0.0),
+        reference_s / scalpel_s,
+        if agree { "yes" } else { "NO" },
+        k["rank_and_mass_s"].as_f64().unwrap_or(0.0),
+        k["batched_svd_s_estimated"].as_f64().unwrap_or(0.0),
+        k["ratio"].as_f64().unwrap_or(0.0),
+    );
+    let file = repo.join("BENCHMARKS.md");
+    let mut text = std::fs::read_to_string(&file).context("BENCHMARKS.md is missing")?;
+    text.push_str(&row);
+    text.push('\n');
+    std::fs::write(&file, text)?;
+    println!("{row}");
+    if !agree {
+        bail!("scalpel and the reference disagree on MaxRank/AvgMass: see {}", out.display());
+    }
+    Ok(())
+}
+
+fn python_env() -> PathBuf {
+    let venv = std::env::var_os("SCALPEL_PYENV").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/scalpel/pyenv")
+    });
+    venv.join("bin/python")
+}
+
+fn output(mut cmd: Command) -> Result<String> {
+    cmd.stderr(std::process::Stdio::inherit());
+    let out = cmd.output().with_context(|| format!("could not start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{:?} failed ({})", cmd.get_program(), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The last line of a program's output that parses as JSON.
+fn json_line(text: &str) -> Result<serde_json::Value> {
+    text.lines().rev().find_map(|l| serde_json::from_str(l).ok()).context("no JSON line in the output")
+}
+
+/// The first JSON document in a program's output (a pretty-printed one spans lines).
+fn json_value(text: &str) -> Result<serde_json::Value> {
+    let start = text.find('{').context("no JSON in the output")?;
+    let mut stream = serde_json::Deserializer::from_str(&text[start..]).into_iter::<serde_json::Value>();
+    Ok(stream.next().context("no JSON in the output")??)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{cpu}, {cores} cores")
+}
+
+fn today() -> String {
+    let out = Command::new("date").arg("+%Y-%m-%d").output().ok();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
 
 fn dist(repo: &Path) -> Result<()> {
@@ -113,11 +226,13 @@ fn dist(repo: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(tmp.join("plugins"))?;
     let release = repo.join("target/release");
-    std::fs::copy(release.join("scalpel"), tmp.join("scalpel"))?;
+    for bin in ["scalpel", "bench-metrics"] {
+        std::fs::copy(release.join(bin), tmp.join(bin))?;
+    }
     for entry in std::fs::read_dir(&release)? {
         let path = entry?.path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with("libscalpel_plugin_") && name.ends_with(".so") && !name.contains("broken") {
+        if name.starts_with("libscalpel_plugin_") && name.ends_with(".so") {
             std::fs::copy(&path, tmp.join("plugins").join(&name))?;
         }
     }

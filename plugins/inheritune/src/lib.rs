@@ -2,7 +2,7 @@
 //! that find degenerate ("lazy") layers, and the strategies that cut and regrow depth.
 
 mod analyzers;
-mod metrics;
+pub mod metrics;
 mod strategies;
 
 scalpel_sdk::export_plugin!();

@@ -1,0 +1,58 @@
+//! Times k* and m* over a batch of attention-like matrices, against plain batched SVD, on one device.
+//!
+//!   bench-metrics [--device cpu|cuda] [--matrices 72000] [--tokens 100]
+//!
+//! The matrices mix sink-heavy and diffuse causal rows (seeded), as real attention does. Prints one JSON line.
+
+use scalpel_plugin_inheritune::metrics::rank_and_mass;
+use scalpel_sdk::prelude::*;
+use std::time::Instant;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str, default: &str| -> String {
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.into())
+    };
+    let device = match arg("--device", "cpu").as_str() {
+        "cpu" => Device::Cpu,
+        _ => Device::Cuda(0),
+    };
+    let (n, t): (i64, i64) = (arg("--matrices", "72000").parse()?, arg("--tokens", "100").parse()?);
+    tch::manual_seed(0);
+    // Causal softmax of random logits, with a per-matrix sink strength on key 0.
+    let causal = Tensor::ones([t, t], (Kind::Bool, device)).triu(1);
+    let raw = Tensor::randn([n, t, t], (Kind::Float, device)) * 2.0;
+    let first = raw.narrow(2, 0, 1) + Tensor::rand([n, 1, 1], (Kind::Float, device)) * 8.0;
+    raw.narrow(2, 0, 1).copy_(&first);
+    let attn = raw.masked_fill(&causal, f64::NEG_INFINITY).softmax(-1, Kind::Float);
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    // Warm-up on a slice, then the timed run.
+    let _ = rank_and_mass(&attn.narrow(0, 0, n.min(256)), 0.9, 0.9)?;
+    sync();
+    let start = Instant::now();
+    let (k, m) = rank_and_mass(&attn, 0.9, 0.9)?;
+    sync();
+    let fast = start.elapsed().as_secs_f64();
+    // Plain batched SVD (singular values only) on a sample, scaled: the library's own way to get k*.
+    let sample = n.min(2000);
+    let start = Instant::now();
+    let (_, s, _) = attn.narrow(0, 0, sample).to_kind(Kind::Double).svd(true, false);
+    sync();
+    let svd = start.elapsed().as_secs_f64() * n as f64 / sample as f64;
+    let rank1 = k.eq(1).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    println!(
+        "{}",
+        serde_json::json!({
+            "device": format!("{device:?}"), "matrices": n, "tokens": t,
+            "rank_and_mass_s": fast, "batched_svd_s_estimated": svd, "ratio": svd / fast,
+            "fraction_rank1": rank1, "mean_k": k.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]),
+            "mean_m": m.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]),
+            "svd_sample": s.size()[0],
+        })
+    );
+    Ok(())
+}
