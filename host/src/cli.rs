@@ -36,11 +36,14 @@ enum Command {
     },
     /// Family, layers, heads, sizes, dtype and tokenizer of an HF model folder (or what a GGUF file holds).
     Inspect {
+        /// An HF model folder, or a .gguf file.
         model: PathBuf,
     },
     /// Convert a GGUF file (llama.cpp) into an HF model folder.
     Import {
+        /// A llama.cpp GGUF file (llama or qwen2 architecture).
         gguf: PathBuf,
+        /// The HF model folder to create.
         out: PathBuf,
         /// Store the weights as f32 or bf16.
         #[arg(long, default_value = "f32")]
@@ -51,6 +54,7 @@ enum Command {
     },
     /// Continue a prompt, greedily or with top-p sampling, to eyeball a model.
     Generate {
+        /// An HF model folder (config.json + safetensors).
         model: PathBuf,
         #[arg(long)]
         prompt: String,
@@ -67,6 +71,7 @@ enum Command {
     },
     /// Mean negative log-likelihood and perplexity over consecutive windows of a text file.
     Eval {
+        /// An HF model folder (config.json + safetensors).
         model: PathBuf,
         #[arg(long)]
         text: PathBuf,
@@ -82,6 +87,7 @@ enum Command {
     },
     /// Compare the forward pass on --device (a GPU) with the CPU: logits and every layer's attention.
     DeviceCheck {
+        /// An HF model folder (config.json + safetensors).
         model: PathBuf,
         #[arg(long, default_value_t = 4)]
         windows: usize,
@@ -90,6 +96,7 @@ enum Command {
     },
     /// Run analyzers over calibration windows: per-layer table, reports, plots.
     Analyze {
+        /// An HF model folder (config.json + safetensors).
         model: PathBuf,
         /// Analyzers to run, in order (default: attn-rank, attn-mass, attn-entropy).
         #[arg(long = "analyzer", short = 'a')]
@@ -104,6 +111,7 @@ enum Command {
     },
     /// Apply a strategy and write the new model.
     Apply {
+        /// An HF model folder (config.json + safetensors).
         model: PathBuf,
         /// Strategies to apply, in order (each sees the model the previous ones make).
         #[arg(long = "strategy", short = 's', required = true)]
@@ -119,6 +127,7 @@ enum Command {
     },
     /// Run a recipe file: steps in order, later steps reading earlier reports.
     Run {
+        /// A recipe file (TOML), e.g. examples/recipes/inheritune.toml.
         recipe: PathBuf,
         /// Use this model instead of the recipe's.
         #[arg(long)]
@@ -126,22 +135,14 @@ enum Command {
         /// Use this calibration file instead of the recipe's.
         #[arg(long)]
         calib: Option<PathBuf>,
-        /// Write here instead of the recipe's output.
-        #[arg(short, long)]
-        output: Option<PathBuf>,
-        #[arg(long)]
-        dry_run: bool,
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
 }
 
-/// Flags shared by `analyze` and `apply`.
+/// Where results go (`-o` overrides a recipe's `output`).
 #[derive(Args)]
-struct StepArgs {
-    /// A config value, KEY=VALUE or ITEM.KEY=VALUE (repeatable); VALUE is read as TOML (5, 0.9, true, [1,2], "x").
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    sets: Vec<String>,
+struct OutputArgs {
     /// Output folder (reports, plots, and for strategies the new model).
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -151,6 +152,16 @@ struct StepArgs {
     /// Replace the output folder if it exists.
     #[arg(long)]
     force: bool,
+}
+
+/// Flags shared by `analyze` and `apply`.
+#[derive(Args)]
+struct StepArgs {
+    /// A config value, KEY=VALUE or ITEM.KEY=VALUE (repeatable); VALUE is read as TOML (5, 0.9, true, [1,2], "x").
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    #[command(flatten)]
+    out: OutputArgs,
     /// Print the equivalent recipe instead of running.
     #[arg(long)]
     print_recipe: bool,
@@ -207,7 +218,7 @@ pub fn run() -> Result<()> {
     for w in registry.warnings() {
         eprintln!("warning: {w}");
     }
-    let opts = |dry_run, force, maps| recipe::Options { dry_run, force, json: cli.json, maps };
+    let opts = |out: &OutputArgs, maps| recipe::Options { dry_run: out.dry_run, force: out.force, json: cli.json, maps };
     match cli.command {
         Command::Plugins => list_plugins(&registry, cli.json),
         Command::Describe { name } => describe(&registry, &name, cli.json),
@@ -215,18 +226,18 @@ pub fn run() -> Result<()> {
             let names = if analyzers.is_empty() { DEFAULT_ANALYZERS.iter().map(|s| s.to_string()).collect() } else { analyzers };
             let steps = steps(&names, false, &common.sets)?;
             let calibration = calib.calib.map(|file| Calibration { file, sequences: calib.sequences, tokens: calib.tokens, seed: calib.seed, bos: calib.bos });
-            let recipe = Recipe { model: Some(model), output: common.output, device: Some(cli.device.clone()), dtype: None, calibration, reports: None, steps };
-            finish(recipe, &registry, common.print_recipe, &opts(common.dry_run, common.force, maps))
+            let recipe = Recipe { model: Some(model), output: common.out.output.clone(), device: Some(cli.device.clone()), dtype: None, calibration, reports: None, steps };
+            finish(recipe, &registry, common.print_recipe, &opts(&common.out, maps))
         }
         Command::Apply { model, strategies, reports, common, dtype } => {
             let steps = steps(&strategies, true, &common.sets)?;
-            let recipe = Recipe { model: Some(model), output: common.output, device: Some(cli.device.clone()), dtype, calibration: None, reports, steps };
-            finish(recipe, &registry, common.print_recipe, &opts(common.dry_run, common.force, vec![]))
+            let recipe = Recipe { model: Some(model), output: common.out.output.clone(), device: Some(cli.device.clone()), dtype, calibration: None, reports, steps };
+            finish(recipe, &registry, common.print_recipe, &opts(&common.out, vec![]))
         }
-        Command::Run { recipe: path, model, calib, output, dry_run, force } => {
+        Command::Run { recipe: path, model, calib, out } => {
             let mut recipe = Recipe::load(&path)?;
             recipe.model = model.or(recipe.model);
-            recipe.output = output.or(recipe.output);
+            recipe.output = out.output.clone().or(recipe.output);
             if let Some(file) = calib {
                 let c = recipe.calibration.get_or_insert(Calibration { file: file.clone(), sequences: 100, tokens: 100, seed: 0, bos: false });
                 c.file = file;
@@ -234,7 +245,7 @@ pub fn run() -> Result<()> {
             if cli.device != "cpu" {
                 recipe.device = Some(cli.device.clone());
             }
-            recipe::run(&recipe, &registry, &opts(dry_run, force, vec![]))
+            recipe::run(&recipe, &registry, &opts(&out, vec![]))
         }
         Command::Inspect { .. } | Command::Import { .. } | Command::Generate { .. } | Command::Eval { .. } | Command::DeviceCheck { .. } => unreachable!(),
     }
