@@ -238,11 +238,21 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options) -> Result<()> {
     }
     let dest = staging.commit()?;
     println!("\nwritten to {}:", dest.display());
-    let mut names: Vec<String> = std::fs::read_dir(&dest)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
-    for n in names {
-        let suffix = if dest.join(&n).is_dir() { "/  (the new model: an HF folder)" } else { "" };
-        println!("  {}{suffix}", dest.join(&n).display());
+    // One line per stem: profile.{csv,png,svg}.
+    let mut stems: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for entry in std::fs::read_dir(&dest)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let (stem, ext) = name.rsplit_once('.').map_or((name.clone(), String::new()), |(s, e)| (s.to_string(), e.to_string()));
+        stems.entry(stem).or_default().push(ext);
+    }
+    for (stem, mut exts) in stems {
+        exts.sort();
+        let shown = match exts.as_slice() {
+            _ if dest.join(&stem).is_dir() => format!("{stem}/  (the new model: an HF folder)"),
+            [e] => format!("{stem}.{e}"),
+            _ => format!("{stem}.{{{}}}", exts.join(",")),
+        };
+        println!("  {shown}");
     }
     Ok(())
 }
@@ -360,20 +370,20 @@ pub fn describe_sources(plan: &Plan) -> String {
 }
 
 /// Figures of what the analyzers found, with the CSV behind each.
-fn write_figures(reports: &Reports, session: &Session, cut: Option<usize>, model: &str, out: &Path, maps: &[(usize, usize)]) -> Result<Vec<PathBuf>> {
+fn write_figures(reports: &Reports, session: &Session, cut: Option<usize>, model: &str, out: &Path, maps: &[(usize, usize)]) -> Result<()> {
     let all: Vec<Report> = reports.0.values().cloned().collect();
-    let mut files = Vec::new();
     // One model: every analyzer's metrics on the same axes, labelled with the model's name.
     let merged = Report { analyzer: model.to_string(), metrics: all.iter().flat_map(|r| r.metrics.clone()).collect(), notes: vec![], extra: json!({ "label": model }) };
     let preferred: Vec<&str> = ["max_rank", "avg_mass"].into_iter().filter(|m| merged.get(m).is_ok()).collect();
     let chosen: Vec<&str> = if preferred.is_empty() { merged.metrics.iter().map(|m| m.name.as_str()).take(2).collect() } else { preferred };
     if !chosen.is_empty() {
-        files.extend(plots::layer_profile(std::slice::from_ref(&merged), &chosen, cut, &format!("{model}: attention profile"), out, "profile")?);
+        plots::layer_profile(std::slice::from_ref(&merged), &chosen, cut, &format!("{model}: attention profile"), out, "profile")?;
     }
     for r in &all {
         for m in r.metrics.iter().filter(|m| m.per_head.is_some()) {
             let stem = format!("heads-{}", m.name.replace('_', "-"));
-            files.extend(plots::head_heatmap(r, &m.name, &format!("{model}: {} per head", m.name), out, &stem)?);
+            let title = format!("{model}: {} (per head, mean over sequences)", m.name);
+            plots::head_heatmap(r, &m.name, &title, out, &stem)?;
         }
     }
     let info = session.info();
@@ -388,8 +398,8 @@ fn write_figures(reports: &Reports, session: &Session, cut: Option<usize>, model
         let data = Vec::<f32>::try_from(a.flatten(0, 1))?;
         panels.push((format!("layer {layer} head {head}"), t, data));
     }
-    files.extend(plots::attention_maps(&panels, &format!("{model}: attention of the first calibration window"), out, "attention")?);
-    Ok(files)
+    plots::attention_maps(&panels, &format!("{model}: attention of the first calibration window"), out, "attention")?;
+    Ok(())
 }
 
 /// The first and last layers' head 0, and the heads of lowest and highest rank, when a rank report exists.

@@ -71,7 +71,9 @@ impl<'a> Session<'a> {
         let started = std::time::Instant::now();
         let batches: Vec<Tensor> = windows.ids.split(16, 0);
         let mut per_layer: Vec<Vec<Tensor>> = (0..=net.dims.layers).map(|_| Vec::new()).collect();
-        for ids in &batches {
+        let bar = indicatif::ProgressBar::new(batches.len() as u64)
+            .with_style(indicatif::ProgressStyle::with_template("forward pass {bar:30} {pos}/{len} batches, {eta} left").expect("a valid template"));
+        for ids in bar.wrap_iter(batches.iter()) {
             let mut h = net.embed(ids)?;
             for (i, slot) in per_layer.iter_mut().enumerate() {
                 if i > 0 {
@@ -81,6 +83,7 @@ impl<'a> Session<'a> {
                 slot.push(h.shallow_clone());
             }
         }
+        bar.finish_and_clear();
         let hidden = per_layer.into_iter().map(|parts| Tensor::cat(&parts, 0)).collect();
         eprintln!("forward pass over {} calibration windows: {:.1} s", windows.ids.size()[0], started.elapsed().as_secs_f64());
         Ok(self.hidden.get_or_init(|| hidden))

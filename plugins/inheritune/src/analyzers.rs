@@ -205,7 +205,7 @@ fn attention(model: &Model, layer: usize) -> Result<Tensor> {
 
 fn calibration(model: &Model) -> String {
     match &model.info().calibration {
-        Some(c) => format!("{} windows of {} tokens from {}", c.sequences, c.tokens, c.source),
+        Some(c) => c.source.clone(),
         None => "calibration windows of the host".into(),
     }
 }

@@ -72,14 +72,15 @@ impl Strategy for Cutoff {
         let (keep, why) = match (c.keep, c.rule) {
             (Some(k), _) => (k, format!("keep = {k} was given")),
             (None, CutRule::Half) => half(layers),
-            (None, CutRule::TrailingDegenerate) => match (trailing_degenerate(reports, c, layers), c.fallback) {
+            (None, CutRule::TrailingDegenerate) => match (trailing_degenerate(reports, c, layers)?, c.fallback) {
                 (Ok(found), _) => found,
-                (Err(none), Some(CutRule::Half)) => {
+                (Err(evidence), Some(CutRule::Half)) => {
                     let (keep, why) = half(layers);
-                    (keep, format!("{why}, the fallback, because {none:#}"))
+                    (keep, format!("{why}, the fallback, because there is {evidence}"))
                 }
-                (Err(e), Some(CutRule::TrailingDegenerate)) => bail!("`fallback` must be another rule than `rule`: {e:#}"),
-                (Err(e), None) => return Err(e),
+                (Err(evidence), _) => bail!(
+                    "there is {evidence}. Raise `threshold`, give `keep`, use `rule = \"half\"`, or `fallback = \"half\"`"
+                ),
             },
         };
         ensure!(keep >= c.min_keep.max(1), "cutoff would keep {keep} layers, fewer than min_keep = {}; {why}", c.min_keep.max(1));
@@ -97,22 +98,22 @@ fn half(layers: usize) -> (usize, String) {
     (layers / 2, format!("rule `half` (the paper's default l = L/2): {layers} / 2"))
 }
 
-/// The start of the trailing run of layers whose metric is at most the threshold, with the evidence.
-fn trailing_degenerate(reports: &Reports, c: &CutoffConfig, layers: usize) -> Result<(usize, String)> {
+/// The start of the trailing run of layers whose metric is at most the threshold, with the evidence;
+/// or, when the last layer is not degenerate, the evidence of that.
+fn trailing_degenerate(reports: &Reports, c: &CutoffConfig, layers: usize) -> Result<std::result::Result<(usize, String), String>> {
     let values = &reports.get(&c.report)?.get(&c.metric)?.per_layer;
     ensure!(values.len() == layers, "report `{}` covers {} layers, the model has {layers}", c.report, values.len());
     let run = values.iter().rev().take_while(|&&v| v <= c.threshold).count();
     let start = layers - run;
     let shown: Vec<String> = values.iter().enumerate().map(|(l, v)| format!("{l}:{v:.2}")).collect();
     if run == 0 {
-        bail!(
-            "no trailing run of degenerate layers: the last layer's {} is {:.2} > threshold {} (per layer {}). \
-             Raise `threshold`, give `keep`, use `rule = \"half\"`, or `fallback = \"half\"`",
+        return Ok(Err(format!(
+            "no trailing run of degenerate layers: the last layer's {} is {:.2} > threshold {} (per layer {})",
             c.metric,
             values[layers - 1],
             c.threshold,
             shown.join(" ")
-        );
+        )));
     }
     let why = format!(
         "layers {start}..{layers} all have {}.{} <= {} (rule `trailing-degenerate`; per layer {})",
@@ -121,7 +122,7 @@ fn trailing_degenerate(reports: &Reports, c: &CutoffConfig, layers: usize) -> Re
         c.threshold,
         shown.join(" ")
     );
-    Ok((start, why))
+    Ok(Ok((start, why)))
 }
 
 /// Settings of `stack`.
