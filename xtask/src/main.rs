@@ -87,7 +87,7 @@ fn build(repo: &Path) -> Result<()> {
 }
 
 fn test(repo: &Path, extra: &[String]) -> Result<()> {
-    let mut args = vec!["test", "--release", "--workspace", "--exclude", "xtask"];
+    let mut args = vec!["test", "--release", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
     cargo(repo, &args)
 }
