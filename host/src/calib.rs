@@ -76,6 +76,9 @@ impl Windows {
         if ids.dim() != 2 || !matches!(ids.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Uint8) {
             bail!("{} must hold an integer tensor of shape [N, T]; it holds {:?} {:?}", path.display(), ids.kind(), ids.size());
         }
+        if ids.size().iter().any(|&d| d == 0) {
+            bail!("{} holds an empty tensor {:?}: calibration needs at least one window of at least one token", path.display(), ids.size());
+        }
         let source = format!("token ids {:?} from {}", ids.size(), path.display());
         Ok(Windows { ids: ids.to_kind(Kind::Int64), source })
     }

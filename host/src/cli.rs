@@ -15,9 +15,9 @@ pub struct Cli {
     /// Also load plugins from this folder (repeatable; after the built-in set and SCALPEL_PLUGIN_PATH).
     #[arg(long = "plugins", value_name = "DIR", global = true)]
     plugin_dirs: Vec<PathBuf>,
-    /// Where to compute: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu", global = true)]
-    device: String,
+    /// Where to compute: cpu, cuda or cuda:N [default: cpu, or the recipe's].
+    #[arg(long, global = true)]
+    device: Option<String>,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
@@ -199,7 +199,7 @@ fn long_version() -> String {
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    let device = cuda::device(&cli.device)?;
+    let device = cuda::device(cli.device.as_deref().unwrap_or("cpu"))?;
     match cli.command {
         Command::Inspect { model } if model.extension().is_some_and(|e| e == "gguf") => return inspect::inspect_gguf(&model, cli.json),
         Command::Inspect { model } => return inspect::inspect(&Checkpoint::open(&model)?, cli.json),
@@ -226,12 +226,12 @@ pub fn run() -> Result<()> {
             let names = if analyzers.is_empty() { DEFAULT_ANALYZERS.iter().map(|s| s.to_string()).collect() } else { analyzers };
             let steps = steps(&names, false, &common.sets)?;
             let calibration = calib.calib.map(|file| Calibration { file, sequences: calib.sequences, tokens: calib.tokens, seed: calib.seed, bos: calib.bos });
-            let recipe = Recipe { model: Some(model), output: common.out.output.clone(), device: Some(cli.device.clone()), dtype: None, calibration, reports: None, steps };
+            let recipe = Recipe { model: Some(model), output: common.out.output.clone(), device: cli.device.clone(), dtype: None, calibration, reports: None, steps };
             finish(recipe, &registry, common.print_recipe, &opts(&common.out, maps))
         }
         Command::Apply { model, strategies, reports, common, dtype } => {
             let steps = steps(&strategies, true, &common.sets)?;
-            let recipe = Recipe { model: Some(model), output: common.out.output.clone(), device: Some(cli.device.clone()), dtype, calibration: None, reports, steps };
+            let recipe = Recipe { model: Some(model), output: common.out.output.clone(), device: cli.device.clone(), dtype, calibration: None, reports, steps };
             finish(recipe, &registry, common.print_recipe, &opts(&common.out, vec![]))
         }
         Command::Run { recipe: path, model, calib, out } => {
@@ -242,9 +242,7 @@ pub fn run() -> Result<()> {
                 let c = recipe.calibration.get_or_insert(Calibration { file: file.clone(), sequences: 100, tokens: 100, seed: 0, bos: false });
                 c.file = file;
             }
-            if cli.device != "cpu" {
-                recipe.device = Some(cli.device.clone());
-            }
+            recipe.device = cli.device.clone().or(recipe.device);
             recipe::run(&recipe, &registry, &opts(&out, vec![]))
         }
         Command::Inspect { .. } | Command::Import { .. } | Command::Generate { .. } | Command::Eval { .. } | Command::DeviceCheck { .. } => unreachable!(),

@@ -113,8 +113,20 @@ impl Recipe {
         Ok(recipe)
     }
 
+    /// The recipe as TOML, with absolute paths so that it runs the same from any folder.
     pub fn to_toml(&self) -> Result<String> {
-        Ok(toml::to_string_pretty(self)?)
+        let mut r = self.clone();
+        let abs = |p: &mut PathBuf| -> Result<()> {
+            *p = std::path::absolute(&*p)?;
+            Ok(())
+        };
+        for p in [&mut r.model, &mut r.output, &mut r.reports].into_iter().flatten() {
+            abs(p)?;
+        }
+        if let Some(c) = r.calibration.as_mut() {
+            abs(&mut c.file)?;
+        }
+        Ok(toml::to_string_pretty(&r)?)
     }
 }
 
@@ -136,6 +148,12 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options) -> Result<()> {
     let dtype = recipe.dtype.as_deref().map(parse_dtype).transpose()?;
     let device = cuda::device(recipe.device.as_deref().unwrap_or("cpu"))?;
     let ckpt = Checkpoint::open(model_dir)?;
+    if let (Some(out), Ok(input)) = (&recipe.output, model_dir.canonicalize()) {
+        let out = std::path::absolute(out)?;
+        if input.starts_with(&out) || out.canonicalize().is_ok_and(|o| input.starts_with(o)) {
+            bail!("the output {} holds the input model {}: choose an output outside it", out.display(), input.display());
+        }
+    }
     let staging = match (&recipe.output, opts.dry_run) {
         (Some(out), false) => Some(Staging::new(out, opts.force)?),
         _ => None,
@@ -157,7 +175,11 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options) -> Result<()> {
     let mut reports = match &recipe.reports {
         Some(file) => {
             let text = std::fs::read_to_string(file).with_context(|| format!("reading reports {}", file.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{} is not a reports.json written by scalpel", file.display()))?
+            let reports: Reports = serde_json::from_str(&text).with_context(|| format!("{} is not a reports.json written by scalpel", file.display()))?;
+            for r in reports.0.values() {
+                check_report(r, ckpt.dims.layers).with_context(|| format!("{} does not describe {}", file.display(), model_dir.display()))?;
+            }
+            reports
         }
         None => Reports::default(),
     };
@@ -387,6 +409,9 @@ fn write_figures(reports: &Reports, session: &Session, cut: Option<usize>, model
         }
     }
     let info = session.info();
+    if session.calibration_ids().is_none() {
+        return Ok(()); // attention maps need activations: weight-only analyses and saved reports have none
+    }
     let maps = if maps.is_empty() { default_maps(reports, info.layers) } else { maps.to_vec() };
     let mut panels = Vec::new();
     for &(layer, head) in &maps {

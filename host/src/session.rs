@@ -115,6 +115,7 @@ impl ModelSource for Session<'_> {
     }
 
     fn hidden(&self, layer: usize) -> Result<Tensor> {
-        Ok(self.hidden_states()?[layer].shallow_clone())
+        // A copy: the cache feeds `attention` and every later analyzer, and plugins may write into what they get.
+        Ok(self.hidden_states()?[layer].copy())
     }
 }

@@ -57,8 +57,14 @@ pub fn resulting_config(ckpt: &Checkpoint, plan: &Plan, dtype: Option<Dtype>) ->
             }
         }
     }
-    if !plan.reinit.is_empty() {
-        warnings.push(format!("initialised afresh instead of inherited: {}", plan.reinit.join(", ")));
+    let (fresh, absent): (Vec<&String>, Vec<&String>) =
+        plan.reinit.iter().partition(|r| r.as_str() != "position_embedding" || ckpt.arch.tensors.position_embedding.is_some());
+    if !fresh.is_empty() {
+        let fresh: Vec<&str> = fresh.iter().map(|r| r.as_str()).collect();
+        warnings.push(format!("initialised afresh instead of inherited: {}", fresh.join(", ")));
+    }
+    if !absent.is_empty() {
+        warnings.push(format!("`{}` models have no position embedding (rotary positions): nothing to re-initialise there", ckpt.arch.family));
     }
     Ok((config, warnings))
 }

@@ -152,3 +152,48 @@ fn an_unknown_setting_is_refused_before_any_work() {
     let out = run(scalpel().args(["apply", "-s", "stack", "--set", "tims=3", "--dry-run"]).arg(tiny("tiny-llama"))).failure();
     assert!(out.stderr.contains("unknown config key `tims`"), "{}", out.stderr);
 }
+
+#[test]
+fn saved_reports_feed_a_strategy_that_writes_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = token_ids_npy(dir.path(), 4, 10, 103);
+    let analysis = dir.path().join("analysis");
+    run(scalpel().args(["analyze", "-a", "attn-rank"]).arg(tiny("tiny-llama")).arg("--calib").arg(&ids).arg("-o").arg(&analysis)).success();
+    let out = dir.path().join("cut");
+    let r = run(scalpel().args(["apply", "-s", "cutoff", "--set", "keep=2", "--reports"]).arg(analysis.join("reports.json")).arg(tiny("tiny-llama")).arg("-o").arg(&out)).success();
+    assert!(r.stdout.contains("plan: 4 layers -> 2 layers"), "{}", r.stdout);
+    assert!(out.join("model/config.json").exists() && out.join("reports.json").exists() && out.join("profile.png").exists());
+}
+
+#[test]
+fn reports_of_another_model_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = token_ids_npy(dir.path(), 2, 8, 101);
+    let analysis = dir.path().join("analysis");
+    run(scalpel().args(["analyze", "-a", "attn-rank"]).arg(tiny("tiny-gpt2")).arg("--calib").arg(&ids).arg("-o").arg(&analysis)).success();
+    let r = run(scalpel().args(["apply", "-s", "cutoff", "--dry-run", "--reports"]).arg(analysis.join("reports.json")).arg(tiny("tiny-llama"))).failure();
+    assert!(r.stderr.contains("does not describe") && r.stderr.contains("3 values"), "{}", r.stderr);
+}
+
+#[test]
+fn an_output_that_holds_the_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(tiny("tiny-llama").join(f), model.join(f)).unwrap();
+    }
+    for out in [model.clone(), dir.path().to_path_buf()] {
+        let r = run(scalpel().args(["apply", "-s", "cutoff", "--set", "keep=2", "--force"]).arg(&model).arg("-o").arg(&out)).failure();
+        assert!(r.stderr.contains("holds the input model"), "{}", r.stderr);
+        assert!(model.join("model.safetensors").exists(), "the input survives");
+    }
+}
+
+#[test]
+fn an_empty_calibration_tensor_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = token_ids_npy(dir.path(), 0, 8, 103);
+    let r = run(scalpel().arg("analyze").arg(tiny("tiny-llama")).arg("--calib").arg(&ids)).failure();
+    assert!(r.stderr.contains("empty tensor"), "{}", r.stderr);
+}

@@ -134,9 +134,10 @@ impl Transformer {
                 let o = mixed.linear(self.bw(i, "self_attn.o_proj.weight")?, self.bw_opt(i, "self_attn.o_proj.bias"));
                 let h = h + o;
                 let x = rms_norm(&h, self.bw(i, "post_attention_layernorm.weight")?, self.norm_eps);
-                let gate = x.linear::<&Tensor>(self.bw(i, "mlp.gate_proj.weight")?, None).silu();
-                let up = x.linear::<&Tensor>(self.bw(i, "mlp.up_proj.weight")?, None);
-                Ok(&h + (gate * up).linear::<&Tensor>(self.bw(i, "mlp.down_proj.weight")?, None))
+                // Biases exist where config.json says `mlp_bias`.
+                let gate = x.linear(self.bw(i, "mlp.gate_proj.weight")?, self.bw_opt(i, "mlp.gate_proj.bias")).silu();
+                let up = x.linear(self.bw(i, "mlp.up_proj.weight")?, self.bw_opt(i, "mlp.up_proj.bias"));
+                Ok(&h + (gate * up).linear(self.bw(i, "mlp.down_proj.weight")?, self.bw_opt(i, "mlp.down_proj.bias")))
             }
         }
     }

@@ -76,9 +76,12 @@ impl Staging {
             if !self.force {
                 bail!("{} appeared while writing: not replacing it without --force", self.dest.display());
             }
-            let old = self.tmp.with_extension("old");
+            let old = PathBuf::from(format!("{}.old", self.tmp.display()));
             std::fs::rename(&self.dest, &old)?;
-            std::fs::rename(&self.tmp, &self.dest)?;
+            if let Err(e) = std::fs::rename(&self.tmp, &self.dest) {
+                std::fs::rename(&old, &self.dest)?; // put the old output back
+                return Err(e).with_context(|| format!("moving the result to {}", self.dest.display()));
+            }
             std::fs::remove_dir_all(&old)?;
         } else {
             std::fs::rename(&self.tmp, &self.dest).with_context(|| format!("moving the result to {}", self.dest.display()))?;
@@ -94,6 +97,16 @@ impl Drop for Staging {
             let _ = std::fs::remove_dir_all(&self.tmp);
         }
     }
+}
+
+/// Files that describe how to use weights rather than being weights: tokenizer and generation settings.
+/// Anything else (other frameworks' weights, their indexes) would not match the new model.
+fn is_companion(name: &str) -> bool {
+    name.starts_with("tokenizer")
+        || name.starts_with("vocab.")
+        || name.starts_with("chat_template")
+        || name.ends_with(".model") // sentencepiece
+        || ["merges.txt", "special_tokens_map.json", "added_tokens.json", "generation_config.json"].contains(&name)
 }
 
 /// Writes a complete model folder at `dest`: config, shards (with an index past `shard_bytes`),
@@ -117,6 +130,8 @@ pub fn write_model<'a>(
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         safetensors::serialize_to_file(pending.iter().map(|t| (t.name.clone(), t)), Some(meta), &file)
             .with_context(|| format!("writing {}", file.display()))?;
+        // The safetensors crate creates files readable by their owner only; a model folder is for sharing.
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
         shards.push(pending.drain(..).map(|t| t.name).collect());
         Ok(())
     };
@@ -157,8 +172,7 @@ pub fn write_model<'a>(
         for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
             let path = entry?.path();
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            let is_weights = name.ends_with(".safetensors") || name == INDEX || name.ends_with(".bin");
-            if path.is_file() && !is_weights && name != CONFIG && name != RECORD && !name.starts_with('.') {
+            if path.is_file() && is_companion(&name) {
                 std::fs::copy(&path, dir.join(&name)).with_context(|| format!("copying {}", path.display()))?;
             }
         }

@@ -88,7 +88,7 @@ impl Strategy for Cutoff {
         let mut plan = Plan::ranges(&[0..keep]).note(format!("keep layers 0..{keep} of {layers}: {why}"));
         if c.inherit == Inherit::ReleasedCode {
             plan.reinit = vec!["final_norm".into(), "position_embedding".into()];
-            plan = plan.note("inherit = released-code: final norm and position embedding initialised afresh");
+            plan = plan.note("inherit = released-code: final norm and position embedding (where the model has one) initialised afresh");
         }
         Ok(plan)
     }
