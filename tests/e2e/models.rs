@@ -1,6 +1,15 @@
 //! Looking at models, analyzing them, and what bad input gets.
 
 use crate::{run, scalpel, tiny, token_ids_npy};
+use std::path::{Path, PathBuf};
+
+/// `scalpel analyze -a attn-rank` of a tiny model over a few windows, written to `dir/analysis`.
+fn rank_analysis(dir: &Path, model: &str, vocab: usize) -> PathBuf {
+    let ids = token_ids_npy(dir, 4, 10, vocab);
+    let analysis = dir.join("analysis");
+    run(scalpel().args(["analyze", "-a", "attn-rank"]).arg(tiny(model)).arg("--calib").arg(&ids).arg("-o").arg(&analysis)).success();
+    analysis
+}
 
 #[test]
 fn inspect_reads_the_shape_off_config_and_weights() {
@@ -58,9 +67,7 @@ fn a_recipe_runs_analyzers_and_strategies_into_one_output() {
 #[test]
 fn cutoff_reads_the_reports_of_an_earlier_analysis() {
     let dir = tempfile::tempdir().unwrap();
-    let ids = token_ids_npy(dir.path(), 4, 10, 103);
-    let analysis = dir.path().join("analysis");
-    run(scalpel().args(["analyze", "-a", "attn-rank"]).arg(tiny("tiny-llama")).arg("--calib").arg(&ids).arg("-o").arg(&analysis)).success();
+    let analysis = rank_analysis(dir.path(), "tiny-llama", 103);
     let reports: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(analysis.join("reports.json")).unwrap()).unwrap();
     let max_rank: Vec<f64> = reports["attn-rank"]["metrics"].as_array().unwrap().iter().find(|m| m["name"] == "max_rank").unwrap()["per_layer"]
         .as_array()
@@ -156,9 +163,7 @@ fn an_unknown_setting_is_refused_before_any_work() {
 #[test]
 fn saved_reports_feed_a_strategy_that_writes_a_model() {
     let dir = tempfile::tempdir().unwrap();
-    let ids = token_ids_npy(dir.path(), 4, 10, 103);
-    let analysis = dir.path().join("analysis");
-    run(scalpel().args(["analyze", "-a", "attn-rank"]).arg(tiny("tiny-llama")).arg("--calib").arg(&ids).arg("-o").arg(&analysis)).success();
+    let analysis = rank_analysis(dir.path(), "tiny-llama", 103);
     let out = dir.path().join("cut");
     let r = run(scalpel().args(["apply", "-s", "cutoff", "--set", "keep=2", "--reports"]).arg(analysis.join("reports.json")).arg(tiny("tiny-llama")).arg("-o").arg(&out)).success();
     assert!(r.stdout.contains("plan: 4 layers -> 2 layers"), "{}", r.stdout);
@@ -168,9 +173,7 @@ fn saved_reports_feed_a_strategy_that_writes_a_model() {
 #[test]
 fn reports_of_another_model_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let ids = token_ids_npy(dir.path(), 2, 8, 101);
-    let analysis = dir.path().join("analysis");
-    run(scalpel().args(["analyze", "-a", "attn-rank"]).arg(tiny("tiny-gpt2")).arg("--calib").arg(&ids).arg("-o").arg(&analysis)).success();
+    let analysis = rank_analysis(dir.path(), "tiny-gpt2", 101);
     let r = run(scalpel().args(["apply", "-s", "cutoff", "--dry-run", "--reports"]).arg(analysis.join("reports.json")).arg(tiny("tiny-llama"))).failure();
     assert!(r.stderr.contains("does not describe") && r.stderr.contains("3 values"), "{}", r.stderr);
 }
