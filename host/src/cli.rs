@@ -389,7 +389,14 @@ fn schema_type(p: &serde_json::Value, root: &serde_json::Value) -> String {
             let ts: Vec<&str> = ts.iter().filter_map(|t| t.as_str()).filter(|t| *t != "null").collect();
             format!("{} (optional)", ts.join("|"))
         }
-        _ => p.get("anyOf").map_or("any".into(), |_| "see --json".into()),
+        // Option<T> of a non-primitive T: anyOf [T, null].
+        _ => match p["anyOf"].as_array() {
+            Some(options) => {
+                let inner: Vec<String> = options.iter().filter(|o| o["type"] != "null").map(|o| schema_type(o, root)).collect();
+                format!("{} (optional)", inner.join("|"))
+            }
+            None => "any".into(),
+        },
     }
 }
 

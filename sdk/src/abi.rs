@@ -103,9 +103,14 @@ pub fn local_manifest() -> Result<Manifest> {
         tch: crate::TCH_VERSION.into(),
         libtorch: id.libtorch.into(),
         items: registry::items()
-            .map(|it| ItemManifest { name: it.name.into(), kind: it.kind, doc: it.doc.trim().into(), schema: it.schema() })
+            .map(|it| ItemManifest { name: it.name.into(), kind: it.kind, doc: doc_text(it.doc), schema: it.schema() })
             .collect(),
     })
+}
+
+/// A doc comment as written: `///` lines arrive with the space after the slashes.
+fn doc_text(doc: &str) -> String {
+    doc.lines().map(|l| l.strip_prefix(' ').unwrap_or(l)).collect::<Vec<_>>().join("\n").trim().to_string()
 }
 
 extern "C" fn manifest() -> RResult<RString, RString> {
