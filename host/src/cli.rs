@@ -109,12 +109,12 @@ enum Command {
         #[arg(long = "map", value_parser = parse_map)]
         maps: Vec<(usize, usize)>,
     },
-    /// Apply a strategy and write the new model.
+    /// Apply strategies and write the new model (with only --dtype: convert it).
     Apply {
         /// An HF model folder (config.json + safetensors).
         model: PathBuf,
         /// Strategies to apply, in order (each sees the model the previous ones make).
-        #[arg(long = "strategy", short = 's', required = true)]
+        #[arg(long = "strategy", short = 's', required_unless_present = "dtype")]
         strategies: Vec<String>,
         /// Reports from an earlier `analyze -o DIR` (DIR/reports.json), for strategies that choose from evidence.
         #[arg(long)]

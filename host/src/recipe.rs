@@ -134,15 +134,16 @@ impl Recipe {
 /// then the reports, plots and the new model are written once into the output folder.
 pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options) -> Result<()> {
     let model_dir = recipe.model.as_deref().ok_or_else(|| anyhow!("the recipe names no model (set `model = \"…\"` or pass one)"))?;
-    if recipe.steps.is_empty() {
-        bail!("the recipe has no steps: add [[step]] tables naming an analyzer or a strategy");
+    if recipe.steps.is_empty() && recipe.dtype.is_none() {
+        bail!("the recipe has no steps: add [[step]] tables naming an analyzer or a strategy (or set `dtype` to convert)");
     }
     // Resolve every item before any work, so a typo fails in a second, not after the analysis.
     for step in &recipe.steps {
         let (name, kind) = step.item()?;
         registry.get(name, Some(kind))?;
     }
-    if recipe.output.is_none() && !opts.dry_run && recipe.steps.iter().any(|s| s.strategy.is_some()) {
+    let writes_model = recipe.dtype.is_some() || recipe.steps.iter().any(|s| s.strategy.is_some());
+    if recipe.output.is_none() && !opts.dry_run && writes_model {
         bail!("a strategy writes a new model: give an output folder (-o DIR), or --dry-run to see the plan");
     }
     let dtype = recipe.dtype.as_deref().map(parse_dtype).transpose()?;
@@ -213,6 +214,10 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options) -> Result<()> {
         eprintln!("{kind} {name} done in {:.1} s", started.elapsed().as_secs_f64());
     }
 
+    if plan.is_none() && dtype.is_some() {
+        // A conversion: every block kept as it is.
+        plan = Some(Plan::identity(ckpt.dims.layers).note(format!("stored as {}", recipe.dtype.as_deref().unwrap_or_default())));
+    }
     let cut = plan.as_ref().and_then(|p| first_removed(p, ckpt.dims.layers));
     if !reports.0.is_empty() {
         if opts.json {
