@@ -69,6 +69,12 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// The token ids a model's tokenizer gives a text (no special tokens), as JSON.
+    Tokenize {
+        /// An HF model folder (config.json + safetensors).
+        model: PathBuf,
+        text: String,
+    },
     /// Mean negative log-likelihood and perplexity over consecutive windows of a text file.
     Eval {
         /// An HF model folder (config.json + safetensors).
@@ -211,6 +217,12 @@ pub fn run() -> Result<()> {
         Command::Eval { model, text, tokens, windows, bos } => {
             return inspect::eval(&Checkpoint::open(&model)?, device, &text, tokens, windows, bos, cli.json)
         }
+        Command::Tokenize { model, text } => {
+            let ckpt = Checkpoint::open(&model)?;
+            let ids = crate::model::tokenizer::Tokenizer::for_model(&model, &ckpt.arch.family)?.encode(&text)?;
+            println!("{}", serde_json::to_string(&ids)?);
+            return Ok(());
+        }
         Command::DeviceCheck { model, windows, tokens } => return inspect::device_check(&Checkpoint::open(&model)?, device, windows, tokens, cli.json),
         _ => {}
     }
@@ -245,7 +257,7 @@ pub fn run() -> Result<()> {
             recipe.device = cli.device.clone().or(recipe.device);
             recipe::run(&recipe, &registry, &opts(&out, vec![]))
         }
-        Command::Inspect { .. } | Command::Import { .. } | Command::Generate { .. } | Command::Eval { .. } | Command::DeviceCheck { .. } => unreachable!(),
+        Command::Inspect { .. } | Command::Import { .. } | Command::Generate { .. } | Command::Eval { .. } | Command::DeviceCheck { .. } | Command::Tokenize { .. } => unreachable!(),
     }
 }
 

@@ -39,6 +39,13 @@ fn the_imported_model_has_smollm2s_shape() {
 }
 
 #[test]
+fn its_tokenizer_gives_smollm2s_own_ids() {
+    // Ids published for SmolLM2's tokenizer: digits split one by one, byte-level BPE.
+    let out = run(scalpel().arg("tokenize").arg(smollm2()).arg("Hello world! 123")).success();
+    assert_eq!(out.stdout.trim(), "[19556,905,17,216,33,34,35]");
+}
+
+#[test]
 fn it_knows_the_capital_of_france() {
     let out = run(scalpel().arg("generate").arg(smollm2()).args(["--prompt", "The capital of France is", "--max-tokens", "3"])).success();
     assert!(out.stdout.starts_with("The capital of France is Paris"), "{}", out.stdout);

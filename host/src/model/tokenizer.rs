@@ -58,3 +58,14 @@ impl Tokenizer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_built_in_gpt2_tokenizer_matches_openais_ids() {
+        let t = super::Tokenizer::Gpt2(tiktoken_rs::r50k_base().unwrap());
+        let ids = t.encode("Hello world, this is GPT-2.").unwrap();
+        assert_eq!(ids, vec![15496, 995, 11, 428, 318, 402, 11571, 12, 17, 13]);
+        assert_eq!(t.decode(&ids).unwrap(), "Hello world, this is GPT-2.");
+    }
+}
