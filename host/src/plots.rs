@@ -1404,11 +1404,12 @@ mod tests {
         assert_eq!(csv_field("a,b"), "\"a,b\"");
     }
 
-    /// Writes sample figures to `$SCALPEL_PLOTS_PREVIEW` (e.g. /tmp/plots-preview) for a look by eye.
+    /// Writes sample figures to `$SCALPEL_PLOTS_PREVIEW` (default /tmp/plots-preview) for a look by eye:
+    /// `cargo test --release -p scalpel plots_preview -- --ignored`.
     #[test]
+    #[ignore = "writes preview figures for a person to look at"]
     fn plots_preview() {
-        let Some(dir) = std::env::var_os("SCALPEL_PLOTS_PREVIEW") else { return };
-        let dir = PathBuf::from(dir);
+        let dir = PathBuf::from(std::env::var_os("SCALPEL_PLOTS_PREVIEW").unwrap_or_else(|| "/tmp/plots-preview".into()));
         let mut a = synthetic_report("attention_rank", 24, 16, 7);
         a.extra = serde_json::json!({ "label": "GPT-2 Medium (24 layers)" });
         let mut b = synthetic_report("attention_rank", 12, 16, 8);
