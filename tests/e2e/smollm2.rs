@@ -79,3 +79,15 @@ fn a_truncated_gguf_is_refused_with_the_reason() {
     assert!(out.stderr.contains("cut.gguf") && out.stderr.to_lowercase().contains("trunc"), "{}", out.stderr);
     assert!(!dir.path().join("m").exists(), "nothing half-written");
 }
+
+#[test]
+fn top_p_sampling_is_seeded() {
+    let sample = |seed: &str| {
+        run(scalpel().arg("generate").arg(smollm2()).args(["--prompt", "Once upon a time", "--max-tokens", "8", "--top-p", "0.9", "--seed", seed]))
+            .success()
+            .stdout
+    };
+    let (a, b) = (sample("7"), sample("7"));
+    assert_eq!(a, b, "the same seed gives the same text");
+    assert!(a.starts_with("Once upon a time") && a.trim().len() > "Once upon a time".len(), "{a}");
+}

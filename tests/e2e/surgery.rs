@@ -144,3 +144,13 @@ fn a_plan_that_keeps_no_layer_or_reaches_past_the_model_is_refused() {
     let r = run(scalpel().args(["apply", "-s", "cutoff", "--set", "keep=0", "--dry-run"]).arg(tiny("tiny-llama"))).failure();
     assert!(r.stderr.contains("fewer than min_keep"), "{}", r.stderr);
 }
+
+#[test]
+fn strategies_compose_each_seeing_the_model_the_previous_one_makes() {
+    let r = run(scalpel()
+        .args(["apply", "-s", "cutoff", "-s", "stack", "--set", "cutoff.keep=2", "--set", "stack.times=3", "--dry-run"])
+        .arg(tiny("tiny-llama")))
+    .success();
+    // cutoff keeps 0-1 of 4; stack then repeats the 2 blocks it sees three times.
+    assert!(r.stdout.contains("plan: 4 layers -> 6 layers") && r.stdout.contains("0-1, 0-1, 0-1"), "{}", r.stdout);
+}
