@@ -1,12 +1,14 @@
 //! A model opened for plugins: the checkpoint, its forward pass on a device, and the calibration
 //! windows run through it once. Every analyzer of a run reads the same hidden states; attention is
-//! recomputed from them one layer at a time, so no `[N, H, T, T]` is held for every layer at once.
+//! computed from them one layer at a time, and kept for the next analyzer only while the layers kept
+//! fit a memory budget (`SCALPEL_ATTENTION_CACHE_MB`, default 2048): beyond it, layers are recomputed,
+//! so no model needs every layer's `[N, H, T, T]` in memory at once.
 
 use crate::calib::Windows;
 use crate::model::{Checkpoint, Transformer};
 use anyhow::{bail, Result};
 use scalpel_sdk::{Calibration, ModelInfo, ModelSource};
-use std::cell::OnceCell;
+use std::cell::{OnceCell, RefCell};
 use tch::{Device, Kind, Tensor};
 
 pub struct Session<'a> {
@@ -17,6 +19,8 @@ pub struct Session<'a> {
     windows: Option<Windows>,
     /// Hidden states entering each block, and the last block's output: `layers + 1` of `[N, T, D]`.
     hidden: OnceCell<Vec<Tensor>>,
+    /// Attention of the layers that fit the budget, and the bytes of budget left.
+    attention: RefCell<(Vec<Option<Tensor>>, usize)>,
 }
 
 impl<'a> Session<'a> {
@@ -41,7 +45,9 @@ impl<'a> Session<'a> {
                 source: w.source.clone(),
             }),
         };
-        Session { ckpt, info, device, net: OnceCell::new(), windows, hidden: OnceCell::new() }
+        let budget_mb: usize = std::env::var("SCALPEL_ATTENTION_CACHE_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
+        let attention = RefCell::new(((0..d.layers).map(|_| None).collect(), budget_mb << 20));
+        Session { ckpt, info, device, net: OnceCell::new(), windows, hidden: OnceCell::new(), attention }
     }
 
     /// The calibration windows' token ids, `[N, T]`.
@@ -107,11 +113,21 @@ impl ModelSource for Session<'_> {
     }
 
     fn attention(&self, layer: usize) -> Result<Tensor> {
+        if let Some(a) = &self.attention.borrow().0[layer] {
+            return Ok(a.copy()); // a copy: plugins may write into what they get
+        }
         let hidden = self.hidden_states()?;
         let _guard = tch::no_grad_guard();
         // Batches bound the [b, H, T, T] scores the forward pass materialises at once.
         let parts: Result<Vec<Tensor>> = hidden[layer].split(16, 0).iter().map(|h| self.net()?.attention(layer, h)).collect();
-        Ok(Tensor::cat(&parts?, 0))
+        let a = Tensor::cat(&parts?, 0);
+        let bytes = a.numel() * a.kind().elt_size_in_bytes();
+        let mut cache = self.attention.borrow_mut();
+        if bytes <= cache.1 {
+            cache.1 -= bytes;
+            cache.0[layer] = Some(a.copy());
+        }
+        Ok(a)
     }
 
     fn hidden(&self, layer: usize) -> Result<Tensor> {

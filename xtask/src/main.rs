@@ -168,10 +168,12 @@ fn bench(repo: &Path) -> Result<()> {
         k["ratio"].as_f64().unwrap_or(0.0),
     );
     let file = repo.join("BENCHMARKS.md");
-    let mut text = std::fs::read_to_string(&file).context("BENCHMARKS.md is missing")?;
-    text.push_str(&row);
-    text.push('\n');
-    std::fs::write(&file, text)?;
+    // The new row goes under the table's last row, above the prose that follows the table.
+    let text = std::fs::read_to_string(&file).context("BENCHMARKS.md is missing")?;
+    let mut lines: Vec<&str> = text.lines().collect();
+    let after = lines.iter().rposition(|l| l.starts_with("| 20") || l.starts_with("|---")).context("BENCHMARKS.md has no results table")?;
+    lines.insert(after + 1, &row);
+    std::fs::write(&file, lines.join("\n") + "\n")?;
     println!("{row}");
     if !agree {
         bail!("scalpel and the reference disagree on MaxRank/AvgMass: see {}", out.display());
