@@ -325,10 +325,10 @@ fn list_plugins(registry: &plugins::Registry, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&items)?);
         return Ok(());
     }
-    let rows: Vec<[String; 4]> = registry
+    let rows: Vec<Vec<String>> = registry
         .items()
         .map(|it| {
-            [
+            vec![
                 it.item.name.clone(),
                 it.item.kind.to_string(),
                 format!("{} {}", it.plugin.manifest.plugin, it.plugin.manifest.version),
@@ -336,7 +336,7 @@ fn list_plugins(registry: &plugins::Registry, json: bool) -> Result<()> {
             ]
         })
         .collect();
-    print_table(&["NAME", "KIND", "PLUGIN", "DESCRIPTION"], &rows);
+    print_table(&["NAME", "KIND", "PLUGIN", "DESCRIPTION"], &rows, Align::Left);
     println!();
     for p in &registry.plugins {
         println!("{} {}  {}", p.manifest.plugin, p.manifest.version, p.path.display());
@@ -357,13 +357,13 @@ fn describe(registry: &plugins::Registry, name: &str, json: bool) -> Result<()> 
         println!("No settings.");
     } else {
         println!("Settings (--set KEY=VALUE):");
-        print_table(&["KEY", "TYPE", "DEFAULT", "DESCRIPTION"], &fields);
+        print_table(&["KEY", "TYPE", "DEFAULT", "DESCRIPTION"], &fields, Align::Left);
     }
     Ok(())
 }
 
 /// One row per config field: key, type, default, doc, read off the item's JSON schema.
-fn config_fields(item: &ItemManifest) -> Vec<[String; 4]> {
+fn config_fields(item: &ItemManifest) -> Vec<Vec<String>> {
     let Some(props) = item.schema["properties"].as_object() else { return vec![] };
     props
         .iter()
@@ -371,7 +371,7 @@ fn config_fields(item: &ItemManifest) -> Vec<[String; 4]> {
             let ty = schema_type(p, &item.schema);
             let default = p.get("default").map_or("-".to_string(), |d| d.to_string());
             let doc = p["description"].as_str().unwrap_or("").replace('\n', " ");
-            [key.clone(), ty, default, doc]
+            vec![key.clone(), ty, default, doc]
         })
         .collect()
 }
@@ -416,26 +416,39 @@ fn first_line(doc: &str) -> &str {
     doc.lines().next().unwrap_or("").trim()
 }
 
-pub fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
-    let mut width = header.map(|h| h.len());
+/// How `print_table` lines up its cells.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Align {
+    /// Text: left-aligned, the last column unpadded.
+    Left,
+    /// Numbers: every column right-aligned.
+    Right,
+}
+
+/// The one terminal table of scalpel: columns two spaces apart, sized to their widest cell.
+pub fn print_table(header: &[&str], rows: &[Vec<String>], align: Align) {
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in width.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
-        let mut s = String::new();
-        for (i, (cell, w)) in cells.iter().zip(width).enumerate() {
-            if i + 1 == N {
-                s.push_str(cell);
-            } else {
-                s.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        println!("{}", s.trim_end());
+    let line = |cells: &[&str]| {
+        let last = cells.len().saturating_sub(1);
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&width)
+            .enumerate()
+            .map(|(i, (c, &w))| match align {
+                Align::Right => format!("{c:>w$}"),
+                Align::Left if i == last => c.to_string(),
+                Align::Left => format!("{c:<w$}"),
+            })
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
     };
-    line(header.to_vec());
+    line(header);
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
     }
 }

@@ -337,21 +337,8 @@ fn print_profile(reports: &Reports, plan: Option<&Plan>, layers: usize) {
         })
         .collect();
     println!();
-    print_rows(&header, &rows);
-}
-
-pub fn print_rows(header: &[String], rows: &[Vec<String>]) {
-    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, c) in width.iter_mut().zip(row) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let line = |cells: &[String]| cells.iter().zip(&width).map(|(c, w)| format!("{c:>w$}")).collect::<Vec<_>>().join("  ");
-    println!("{}", line(header));
-    for row in rows {
-        println!("{}", line(row));
-    }
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    crate::cli::print_table(&header, &rows, crate::cli::Align::Right);
 }
 
 fn format_value(v: f64) -> String {
