@@ -60,26 +60,32 @@ impl Windows {
     }
 
     fn from_tensor_file(path: &Path) -> Result<Self> {
-        let ids = if path.extension().is_some_and(|e| e == "npy") {
-            Tensor::read_npy(path).with_context(|| format!("reading {}", path.display()))?
-        } else {
-            let tensors = Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
-            match tensors.as_slice() {
-                [(_, t)] => t.shallow_clone(),
-                many => many
-                    .iter()
-                    .find(|(n, _)| n == "input_ids")
-                    .map(|(_, t)| t.shallow_clone())
-                    .with_context(|| format!("{} holds several tensors and none is called `input_ids`", path.display()))?,
-            }
-        };
-        if ids.dim() != 2 || !matches!(ids.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Uint8) {
-            bail!("{} must hold an integer tensor of shape [N, T]; it holds {:?} {:?}", path.display(), ids.kind(), ids.size());
-        }
-        if ids.size().iter().any(|&d| d == 0) {
-            bail!("{} holds an empty tensor {:?}: calibration needs at least one window of at least one token", path.display(), ids.size());
-        }
+        let ids = read_token_ids(path)?;
         let source = format!("token ids {:?} from {}", ids.size(), path.display());
-        Ok(Windows { ids: ids.to_kind(Kind::Int64), source })
+        Ok(Windows { ids, source })
     }
+}
+
+/// `[N, T]` token ids from a `.safetensors` (its only tensor, or `input_ids`) or `.npy` file, as int64.
+pub fn read_token_ids(path: &Path) -> Result<Tensor> {
+    let ids = if path.extension().is_some_and(|e| e == "npy") {
+        Tensor::read_npy(path).with_context(|| format!("reading {}", path.display()))?
+    } else {
+        let tensors = Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
+        match tensors.as_slice() {
+            [(_, t)] => t.shallow_clone(),
+            many => many
+                .iter()
+                .find(|(n, _)| n == "input_ids")
+                .map(|(_, t)| t.shallow_clone())
+                .with_context(|| format!("{} holds several tensors and none is called `input_ids`", path.display()))?,
+        }
+    };
+    if ids.dim() != 2 || !matches!(ids.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Uint8) {
+        bail!("{} must hold an integer tensor of shape [N, T]; it holds {:?} {:?}", path.display(), ids.kind(), ids.size());
+    }
+    if ids.size().iter().any(|&d| d == 0) {
+        bail!("{} holds an empty tensor {:?}: calibration needs at least one window of at least one token", path.display(), ids.size());
+    }
+    Ok(ids.to_kind(Kind::Int64))
 }

@@ -3,6 +3,7 @@
 mod calib;
 mod cli;
 mod cuda;
+mod data;
 mod gguf;
 mod import;
 mod inspect;
