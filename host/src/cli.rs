@@ -1,11 +1,14 @@
-//! Command-line interface: raw arguments become validated settings here, and nowhere else.
+//! Command-line interface: raw arguments become one validated `Job` here, and nowhere else.
+//! Only `main.rs` uses this module; it runs the job.
 
-use crate::model::checkpoint::{parse_dtype, Checkpoint};
-use crate::recipe::{self, Calibration, Recipe, Step};
-use crate::{cuda, inspect, plugins};
+use crate::inspect::{EvalData, Sampling};
+use crate::model::checkpoint::parse_dtype;
+use crate::recipe::{Calibration, Options, Recipe, Step};
+use crate::train::TrainConfig;
+use crate::cuda;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use scalpel_sdk::abi::ItemManifest;
+use safetensors::Dtype;
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -75,20 +78,24 @@ enum Command {
         model: PathBuf,
         text: String,
     },
-    /// Mean negative log-likelihood and perplexity over consecutive windows of a text file.
+    /// Mean negative log-likelihood and perplexity over consecutive windows of a text file or tokenized data.
     Eval {
         /// An HF model folder (config.json + safetensors).
         model: PathBuf,
+        /// A text file, tokenized with the model's tokenizer.
+        #[arg(long, required_unless_present = "data", conflicts_with = "data")]
+        text: Option<PathBuf>,
+        /// Tokenized data: a `scalpel data tokenize` folder (its validation split), an llm.c .bin, or [N, T] ids.
         #[arg(long)]
-        text: PathBuf,
+        data: Option<PathBuf>,
         /// Tokens per window.
         #[arg(long, default_value_t = 512)]
         tokens: usize,
-        /// At most this many windows (0: the whole file).
+        /// At most this many windows (0: all).
         #[arg(long, default_value_t = 0)]
         windows: usize,
-        /// Prepend the BOS token to each window.
-        #[arg(long)]
+        /// Prepend the BOS token to each window (text only).
+        #[arg(long, conflicts_with = "data")]
         bos: bool,
     },
     /// Compare the forward pass on --device (a GPU) with the CPU: logits and every layer's attention.
@@ -130,6 +137,32 @@ enum Command {
         /// Store the new model as f32, f16 or bf16 (default: as the input).
         #[arg(long)]
         dtype: Option<String>,
+    },
+    /// Train a model on tokenized text (next-token loss, AdamW), or continue a run with --resume.
+    Train {
+        /// An HF model folder: cut, grown or original (with --init random: its architecture, freshly initialised).
+        #[arg(required_unless_present = "resume")]
+        model: Option<PathBuf>,
+        /// Training data: a `scalpel data tokenize` folder, an llm.c .bin file, or [N, T] token ids (.safetensors / .npy).
+        #[arg(long, required_unless_present = "resume")]
+        data: Option<PathBuf>,
+        /// Validation data (default: the data's own validation split).
+        #[arg(long)]
+        val: Option<PathBuf>,
+        /// The run folder: checkpoints, log, loss curve.
+        #[arg(short, long, required_unless_present = "resume")]
+        output: Option<PathBuf>,
+        /// Continue the run in this folder from its last checkpoint, with its settings.
+        #[arg(long, value_name = "RUN", conflicts_with_all = ["model", "data", "output", "val"])]
+        resume: Option<PathBuf>,
+        /// Replace the run folder if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Print the equivalent recipe instead of running.
+        #[arg(long)]
+        print_recipe: bool,
+        #[command(flatten)]
+        config: TrainConfig,
     },
     /// Run a recipe file: steps in order, later steps reading earlier reports.
     Run {
@@ -192,6 +225,31 @@ struct CalibArgs {
 }
 
 
+/// What to do, validated.
+pub struct Job {
+    /// `--device`, when given (a recipe may name its own).
+    pub device: Option<String>,
+    pub json: bool,
+    pub plugin_dirs: Vec<PathBuf>,
+    pub task: Task,
+}
+
+pub enum Task {
+    Plugins,
+    Describe(String),
+    Inspect(PathBuf),
+    Import { gguf: PathBuf, out: PathBuf, dtype: Dtype, force: bool },
+    Generate { model: PathBuf, prompt: String, max_tokens: usize, sampling: Sampling },
+    Tokenize { model: PathBuf, text: String },
+    Eval { model: PathBuf, data: EvalData, tokens: usize, windows: usize },
+    DeviceCheck { model: PathBuf, windows: usize, tokens: usize },
+    /// `analyze`, `apply`, `train` and `run`: one pipeline.
+    Recipe { recipe: Recipe, opts: Options },
+    /// Print a recipe instead of running it.
+    PrintRecipe(Recipe),
+    Resume(PathBuf),
+}
+
 fn long_version() -> String {
     format!(
         "{}\nscalpel-sdk {}\ntch {}\nlibtorch {}\ncuda: {}",
@@ -203,48 +261,48 @@ fn long_version() -> String {
     )
 }
 
-pub fn run() -> Result<()> {
+pub fn parse() -> Result<Job> {
     let cli = Cli::parse();
-    let device = cuda::device(cli.device.as_deref().unwrap_or("cpu"))?;
-    match cli.command {
-        Command::Inspect { model } if model.extension().is_some_and(|e| e == "gguf") => return inspect::inspect_gguf(&model, cli.json),
-        Command::Inspect { model } => return inspect::inspect(&Checkpoint::open(&model)?, cli.json),
-        Command::Import { gguf, out, dtype, force } => return crate::import::import(&gguf, &out, parse_dtype(&dtype)?, force),
+    // A bad --device fails before any work.
+    cuda::device(cli.device.as_deref().unwrap_or("cpu"))?;
+    let opts = |out: &OutputArgs, maps| Options { dry_run: out.dry_run, force: out.force, maps };
+    let recipe_task = |recipe: Recipe, print: bool, opts: Options| if print { Task::PrintRecipe(recipe) } else { Task::Recipe { recipe, opts } };
+    let task = match cli.command {
+        Command::Plugins => Task::Plugins,
+        Command::Describe { name } => Task::Describe(name),
+        Command::Inspect { model } => Task::Inspect(model),
+        Command::Import { gguf, out, dtype, force } => Task::Import { gguf, out, dtype: parse_dtype(&dtype)?, force },
         Command::Generate { model, prompt, max_tokens, top_p, temperature, seed } => {
-            let sampling = inspect::Sampling { top_p, temperature, seed };
-            return inspect::generate(&Checkpoint::open(&model)?, device, &prompt, max_tokens, &sampling);
+            Task::Generate { model, prompt, max_tokens, sampling: Sampling { top_p, temperature, seed } }
         }
-        Command::Eval { model, text, tokens, windows, bos } => {
-            return inspect::eval(&Checkpoint::open(&model)?, device, &text, tokens, windows, bos, cli.json)
+        Command::Tokenize { model, text } => Task::Tokenize { model, text },
+        Command::Eval { model, text, data, tokens, windows, bos } => {
+            let data = match (text, data) {
+                (Some(path), _) => EvalData::Text { path, bos },
+                (None, Some(path)) => EvalData::Tokens(path),
+                (None, None) => bail!("eval needs --text FILE or --data DATA"),
+            };
+            Task::Eval { model, data, tokens, windows }
         }
-        Command::Tokenize { model, text } => {
-            let ckpt = Checkpoint::open(&model)?;
-            let ids = crate::model::tokenizer::Tokenizer::for_model(&model, &ckpt.arch.family)?.encode(&text)?;
-            println!("{}", serde_json::to_string(&ids)?);
-            return Ok(());
-        }
-        Command::DeviceCheck { model, windows, tokens } => return inspect::device_check(&Checkpoint::open(&model)?, device, windows, tokens, cli.json),
-        _ => {}
-    }
-    let registry = plugins::Registry::load(&plugins::search_path(&cli.plugin_dirs));
-    for w in registry.warnings() {
-        eprintln!("warning: {w}");
-    }
-    let opts = |out: &OutputArgs, maps| recipe::Options { dry_run: out.dry_run, force: out.force, json: cli.json, maps };
-    match cli.command {
-        Command::Plugins => list_plugins(&registry, cli.json),
-        Command::Describe { name } => describe(&registry, &name, cli.json),
+        Command::DeviceCheck { model, windows, tokens } => Task::DeviceCheck { model, windows, tokens },
         Command::Analyze { model, analyzers, common, calib, maps } => {
             let names = if analyzers.is_empty() { DEFAULT_ANALYZERS.iter().map(|s| s.to_string()).collect() } else { analyzers };
             let steps = steps(&names, false, &common.sets)?;
             let calibration = calib.calib.map(|file| Calibration { file, sequences: calib.sequences, tokens: calib.tokens, seed: calib.seed, bos: calib.bos });
-            let recipe = Recipe { model: Some(model), output: common.out.output.clone(), device: cli.device.clone(), dtype: None, calibration, reports: None, steps };
-            finish(recipe, &registry, common.print_recipe, &opts(&common.out, maps))
+            let recipe = Recipe { model: Some(model), output: common.out.output.clone(), device: cli.device.clone(), calibration, steps, ..Recipe::default() };
+            recipe_task(recipe, common.print_recipe, opts(&common.out, maps))
         }
         Command::Apply { model, strategies, reports, common, dtype } => {
             let steps = steps(&strategies, true, &common.sets)?;
-            let recipe = Recipe { model: Some(model), output: common.out.output.clone(), device: cli.device.clone(), dtype, calibration: None, reports, steps };
-            finish(recipe, &registry, common.print_recipe, &opts(&common.out, vec![]))
+            let recipe = Recipe { model: Some(model), output: common.out.output.clone(), device: cli.device.clone(), dtype, reports, steps, ..Recipe::default() };
+            recipe_task(recipe, common.print_recipe, opts(&common.out, vec![]))
+        }
+        Command::Train { resume: Some(run), .. } => Task::Resume(run),
+        Command::Train { model, data, val, output, resume: None, force, print_recipe, config } => {
+            let step = Step { analyzer: None, strategy: None, train: Some(config), config: serde_json::json!({}) };
+            let recipe = Recipe { model, output, device: cli.device.clone(), data, val, steps: vec![step], ..Recipe::default() };
+            let out = OutputArgs { output: None, dry_run: false, force };
+            recipe_task(recipe, print_recipe, opts(&out, vec![]))
         }
         Command::Run { recipe: path, model, calib, out } => {
             let mut recipe = Recipe::load(&path)?;
@@ -255,22 +313,14 @@ pub fn run() -> Result<()> {
                 c.file = file;
             }
             recipe.device = cli.device.clone().or(recipe.device);
-            recipe::run(&recipe, &registry, &opts(&out, vec![]))
+            Task::Recipe { recipe, opts: opts(&out, vec![]) }
         }
-        Command::Inspect { .. } | Command::Import { .. } | Command::Generate { .. } | Command::Eval { .. } | Command::DeviceCheck { .. } | Command::Tokenize { .. } => unreachable!(),
-    }
+    };
+    Ok(Job { device: cli.device, json: cli.json, plugin_dirs: cli.plugin_dirs, task })
 }
 
 /// The paper's three measurements.
 const DEFAULT_ANALYZERS: [&str; 3] = ["attn-rank", "attn-mass", "attn-entropy"];
-
-fn finish(recipe: Recipe, registry: &plugins::Registry, print_recipe: bool, opts: &recipe::Options) -> Result<()> {
-    if print_recipe {
-        print!("{}", recipe.to_toml()?);
-        return Ok(());
-    }
-    recipe::run(&recipe, registry, opts)
-}
 
 /// One step per item, with `--set` values routed to their item.
 fn steps(names: &[String], strategies: bool, sets: &[String]) -> Result<Vec<Step>> {
@@ -279,6 +329,7 @@ fn steps(names: &[String], strategies: bool, sets: &[String]) -> Result<Vec<Step
         .map(|n| Step {
             analyzer: (!strategies).then(|| n.clone()),
             strategy: strategies.then(|| n.clone()),
+            train: None,
             config: serde_json::json!({}),
         })
         .collect();
@@ -289,7 +340,7 @@ fn steps(names: &[String], strategies: bool, sets: &[String]) -> Result<Vec<Step
             None => (None, key),
         };
         let target = match item {
-            Some(item) => steps.iter_mut().find(|s| s.item().map(|(n, _)| n == item).unwrap_or(false)).with_context(|| format!("--set {set}: `{item}` is not one of the steps"))?,
+            Some(item) => steps.iter_mut().find(|s| s.item().is_some_and(|(n, _)| n == item)).with_context(|| format!("--set {set}: `{item}` is not one of the steps"))?,
             None if steps.len() == 1 => &mut steps[0],
             None => bail!("--set {set}: several items run; write ITEM.{key}={value}"),
         };
@@ -311,144 +362,3 @@ fn parse_map(s: &str) -> Result<(usize, usize), String> {
     Ok((l.parse().map_err(|_| "LAYER must be a number")?, h.parse().map_err(|_| "HEAD must be a number")?))
 }
 
-fn list_plugins(registry: &plugins::Registry, json: bool) -> Result<()> {
-    if json {
-        let items: Vec<_> = registry
-            .items()
-            .map(|it| {
-                serde_json::json!({
-                    "name": it.item.name, "kind": it.item.kind, "plugin": it.plugin.manifest.plugin,
-                    "version": it.plugin.manifest.version, "library": it.plugin.path, "about": first_line(&it.item.doc),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&items)?);
-        return Ok(());
-    }
-    let rows: Vec<Vec<String>> = registry
-        .items()
-        .map(|it| {
-            vec![
-                it.item.name.clone(),
-                it.item.kind.to_string(),
-                format!("{} {}", it.plugin.manifest.plugin, it.plugin.manifest.version),
-                first_line(&it.item.doc).to_string(),
-            ]
-        })
-        .collect();
-    print_table(&["NAME", "KIND", "PLUGIN", "DESCRIPTION"], &rows, Align::Left);
-    println!();
-    for p in &registry.plugins {
-        println!("{} {}  {}", p.manifest.plugin, p.manifest.version, p.path.display());
-    }
-    Ok(())
-}
-
-fn describe(registry: &plugins::Registry, name: &str, json: bool) -> Result<()> {
-    let it = registry.get(name, None)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(it.item)?);
-        return Ok(());
-    }
-    println!("{} ({}, plugin {} {})\n", it.item.name, it.item.kind, it.plugin.manifest.plugin, it.plugin.manifest.version);
-    println!("{}\n", it.item.doc);
-    let fields = config_fields(it.item);
-    if fields.is_empty() {
-        println!("No settings.");
-    } else {
-        println!("Settings (--set KEY=VALUE):");
-        print_table(&["KEY", "TYPE", "DEFAULT", "DESCRIPTION"], &fields, Align::Left);
-    }
-    Ok(())
-}
-
-/// One row per config field: key, type, default, doc, read off the item's JSON schema.
-fn config_fields(item: &ItemManifest) -> Vec<Vec<String>> {
-    let Some(props) = item.schema["properties"].as_object() else { return vec![] };
-    props
-        .iter()
-        .map(|(key, p)| {
-            let ty = schema_type(p, &item.schema);
-            let default = p.get("default").map_or("-".to_string(), |d| d.to_string());
-            let doc = p["description"].as_str().unwrap_or("").replace('\n', " ");
-            vec![key.clone(), ty, default, doc]
-        })
-        .collect()
-}
-
-fn schema_type(p: &serde_json::Value, root: &serde_json::Value) -> String {
-    if let Some(r) = p["$ref"].as_str() {
-        let target = r.rsplit('/').next().unwrap_or(r);
-        let def = &root["$defs"][target];
-        if let Some(options) = def["enum"].as_array() {
-            return options.iter().map(|o| o.as_str().unwrap_or("?").to_string()).collect::<Vec<_>>().join("|");
-        }
-        if let Some(options) = def["oneOf"].as_array() {
-            let names: Vec<String> = options.iter().filter_map(|o| o["const"].as_str().or(o["enum"][0].as_str())).map(String::from).collect();
-            if !names.is_empty() {
-                return names.join("|");
-            }
-        }
-        return target.to_string();
-    }
-    if let Some(options) = p["enum"].as_array() {
-        return options.iter().map(|o| o.as_str().unwrap_or("?").to_string()).collect::<Vec<_>>().join("|");
-    }
-    match &p["type"] {
-        serde_json::Value::String(t) if t == "array" => format!("list of {}", schema_type(&p["items"], root)),
-        serde_json::Value::String(t) => t.clone(),
-        serde_json::Value::Array(ts) => {
-            let ts: Vec<&str> = ts.iter().filter_map(|t| t.as_str()).filter(|t| *t != "null").collect();
-            format!("{} (optional)", ts.join("|"))
-        }
-        // Option<T> of a non-primitive T: anyOf [T, null].
-        _ => match p["anyOf"].as_array() {
-            Some(options) => {
-                let inner: Vec<String> = options.iter().filter(|o| o["type"] != "null").map(|o| schema_type(o, root)).collect();
-                format!("{} (optional)", inner.join("|"))
-            }
-            None => "any".into(),
-        },
-    }
-}
-
-fn first_line(doc: &str) -> &str {
-    doc.lines().next().unwrap_or("").trim()
-}
-
-/// How `print_table` lines up its cells.
-#[derive(Clone, Copy, PartialEq)]
-pub enum Align {
-    /// Text: left-aligned, the last column unpadded.
-    Left,
-    /// Numbers: every column right-aligned.
-    Right,
-}
-
-/// The one terminal table of scalpel: columns two spaces apart, sized to their widest cell.
-pub fn print_table(header: &[&str], rows: &[Vec<String>], align: Align) {
-    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (w, cell) in width.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[&str]| {
-        let last = cells.len().saturating_sub(1);
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&width)
-            .enumerate()
-            .map(|(i, (c, &w))| match align {
-                Align::Right => format!("{c:>w$}"),
-                Align::Left if i == last => c.to_string(),
-                Align::Left => format!("{c:<w$}"),
-            })
-            .collect();
-        println!("{}", padded.join("  ").trim_end());
-    };
-    line(header);
-    for row in rows {
-        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
-    }
-}

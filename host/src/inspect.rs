@@ -5,7 +5,7 @@ use crate::model::{Checkpoint, Transformer};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 pub fn inspect(ckpt: &Checkpoint, json: bool) -> Result<()> {
@@ -81,29 +81,69 @@ pub struct Sampling {
     pub seed: u64,
 }
 
-pub fn generate(ckpt: &Checkpoint, device: Device, prompt: &str, max_tokens: usize, s: &Sampling) -> Result<()> {
+/// Continues `prompt` token by token through a key/value cache, until an end-of-sequence token,
+/// `max_tokens`, or the model's context.
+pub fn generate(ckpt: &Checkpoint, device: Device, prompt: &str, max_tokens: usize, s: &Sampling, json: bool) -> Result<()> {
     let tokenizer = Tokenizer::for_model(&ckpt.dir, &ckpt.arch.family)?;
     let net = Transformer::load(ckpt, device, Kind::Float)?;
-    let mut ids = tokenizer.encode(prompt)?;
-    if ids.is_empty() {
+    let eos = eos_ids(ckpt, &tokenizer);
+    let prompt_ids = tokenizer.encode(prompt)?;
+    if prompt_ids.is_empty() {
         bail!("the prompt is empty after tokenizing");
     }
-    tch::manual_seed(s.seed as i64);
-    let prompt_len = ids.len();
-    let _guard = tch::no_grad_guard();
-    for _ in 0..max_tokens {
-        // No key/value cache: a full pass per token is plenty for eyeballing small models.
-        let start = ids.len().saturating_sub(ckpt.dims.context);
-        let input = Tensor::from_slice(&ids[start..]).unsqueeze(0);
-        let logits = net.logits(&input)?.get(0).get(-1).to_kind(Kind::Float);
-        let next = match s.top_p {
-            None => logits.argmax(-1, false).int64_value(&[]),
-            Some(p) => sample_top_p(&(logits / s.temperature.max(1e-6)), p),
-        };
-        ids.push(next);
+    if prompt_ids.len() >= ckpt.dims.context {
+        bail!("the prompt has {} tokens: no room left in the model's context of {}", prompt_ids.len(), ckpt.dims.context);
     }
-    println!("{}{}", prompt, tokenizer.decode(&ids[prompt_len..])?);
+    check_vocab(&prompt_ids, ckpt.dims.vocab, "the prompt")?;
+    tch::manual_seed(s.seed as i64);
+    let mut cache = net.cache();
+    let mut logits = net.step(&Tensor::from_slice(&prompt_ids).unsqueeze(0), &mut cache)?;
+    let mut new = Vec::new();
+    let mut stop = "max_tokens";
+    for _ in 0..max_tokens {
+        let last = logits.get(0).get(-1).to_kind(Kind::Float).to_device(Device::Cpu);
+        let next = match s.top_p {
+            None => last.argmax(-1, false).int64_value(&[]),
+            Some(p) => sample_top_p(&(last / s.temperature.max(1e-6)), p),
+        };
+        if eos.contains(&next) {
+            stop = "eos";
+            break;
+        }
+        new.push(next);
+        if cache.len() as usize >= ckpt.dims.context {
+            stop = "context";
+            break;
+        }
+        logits = net.step(&Tensor::from_slice(&[next]).unsqueeze(0), &mut cache)?;
+    }
+    let completion = tokenizer.decode(&new)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&json!({ "prompt": prompt, "completion": completion, "tokens": new.len(), "stopped_by": stop }))?);
+    } else {
+        println!("{prompt}{completion}");
+    }
     Ok(())
+}
+
+/// The tokens that end a generation: generation_config.json's `eos_token_id`, else config.json's,
+/// else the tokenizer's end-of-sequence token.
+fn eos_ids(ckpt: &Checkpoint, tokenizer: &Tokenizer) -> Vec<i64> {
+    let ids = |v: &serde_json::Value| -> Vec<i64> {
+        match v {
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_i64()).collect(),
+            v => v.as_i64().into_iter().collect(),
+        }
+    };
+    let generation = std::fs::read_to_string(ckpt.dir.join("generation_config.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    if let Some(found) = generation.map(|g| ids(&g["eos_token_id"])).filter(|v| !v.is_empty()) {
+        return found;
+    }
+    let found = ids(&ckpt.config["eos_token_id"]);
+    if !found.is_empty() {
+        return found;
+    }
+    tokenizer.eos(&ckpt.dir).into_iter().collect()
 }
 
 /// Samples from the smallest set of most likely tokens whose probabilities add up to `p`.
@@ -118,37 +158,59 @@ fn sample_top_p(logits: &Tensor, p: f64) -> i64 {
     order.int64_value(&[choice])
 }
 
-pub fn eval(ckpt: &Checkpoint, device: Device, text: &Path, tokens: usize, max_windows: usize, bos: bool, json: bool) -> Result<()> {
-    let tokenizer = Tokenizer::for_model(&ckpt.dir, &ckpt.arch.family)?;
+/// Token ids must index the model's embedding.
+pub fn check_vocab(ids: &[i64], vocab: usize, what: &str) -> Result<()> {
+    if let Some(&bad) = ids.iter().find(|&&i| i < 0 || i as usize >= vocab) {
+        bail!("{what} has token id {bad}, outside the model's vocabulary of {vocab}: the tokenizer does not belong to this model");
+    }
+    Ok(())
+}
+
+/// Windows evaluated at once: enough to keep the cores busy, few enough to bound the logits' memory.
+const EVAL_BATCH: usize = 8;
+
+/// What `eval` reads: windows of a text file, or windows of tokenized data.
+pub enum EvalData {
+    /// Consecutive windows of `tokens` tokens (BOS first when `bos`).
+    Text { path: PathBuf, bos: bool },
+    /// A tokenized dataset's validation split (else its training data), or `[N, T]` token ids.
+    Tokens(PathBuf),
+}
+
+pub fn eval(ckpt: &Checkpoint, device: Device, data: &EvalData, tokens: usize, max_windows: usize, json: bool) -> Result<()> {
+    if tokens < 2 {
+        bail!("--tokens {tokens}: a window needs at least 2 tokens (one to predict from, one to predict)");
+    }
+    if tokens > ckpt.dims.context {
+        bail!("--tokens {tokens} exceeds the model's context of {} tokens", ckpt.dims.context);
+    }
+    let max_windows = if max_windows == 0 { usize::MAX } else { max_windows };
+    // Position t predicts token t+1; a BOS is context only, never a target.
+    let (windows, first) = match data {
+        EvalData::Text { path, bos } => (text_windows(ckpt, path, tokens, max_windows, *bos)?, i64::from(*bos)),
+        EvalData::Tokens(path) => {
+            let data = crate::data::Dataset::open(path)?;
+            let split = data.val.as_ref().unwrap_or(&data.train);
+            (split.windows(tokens, max_windows)?, 0)
+        }
+    };
+    let ids: Vec<i64> = Vec::try_from(windows.flatten(0, 1))?;
+    check_vocab(&ids, ckpt.dims.vocab, "the evaluation data")?;
     let net = Transformer::load(ckpt, device, Kind::Float)?;
-    let content = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
-    let ids = tokenizer.encode(&content)?;
-    let body = tokens - usize::from(bos);
-    if tokens < 2 || ids.len() < body {
-        bail!("{} has {} tokens: not enough for one window of {tokens}", text.display(), ids.len());
-    }
-    let mut windows = ids.len() / body;
-    if max_windows > 0 {
-        windows = windows.min(max_windows);
-    }
-    let bos_id = if bos { Some(tokenizer.bos().context("--bos: the tokenizer has no BOS token")?) } else { None };
-    let bar = ProgressBar::new(windows as u64).with_style(ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} windows, {eta} left").unwrap());
+    let n = windows.size()[0] as usize;
+    let bar = ProgressBar::new(n as u64).with_style(ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} windows, {eta} left").unwrap());
     bar.set_message("eval");
     let _guard = tch::no_grad_guard();
     let (mut nll, mut count) = (0.0f64, 0usize);
-    for w in 0..windows {
-        let mut window: Vec<i64> = bos_id.into_iter().collect();
-        window.extend_from_slice(&ids[w * body..(w + 1) * body]);
-        let input = Tensor::from_slice(&window).unsqueeze(0);
-        let logits = net.logits(&input)?.get(0).to_kind(Kind::Double);
-        // Position t predicts token t+1; a BOS is context only, never a target.
-        let first = usize::from(bos);
-        let targets = Tensor::from_slice(&window[first + 1..]).to_device(device);
-        let logp = logits.narrow(0, first as i64, (window.len() - first - 1) as i64).log_softmax(-1, Kind::Double);
-        let picked = logp.gather(1, &targets.unsqueeze(1), false);
-        nll -= picked.sum(Kind::Double).double_value(&[]);
-        count += window.len() - first - 1;
-        bar.inc(1);
+    for batch in windows.split(EVAL_BATCH as i64, 0) {
+        let batch = batch.to_device(device);
+        let t = batch.size()[1];
+        let logits = net.forward(&batch)?.narrow(1, first, t - 1 - first).to_kind(Kind::Float);
+        let targets = batch.narrow(1, first + 1, t - 1 - first);
+        let per_token = logits.reshape([-1, ckpt.dims.vocab as i64]).f_cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::None, -100, 0.0)?;
+        nll += per_token.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+        count += per_token.numel();
+        bar.inc(batch.size()[0] as u64);
     }
     bar.finish_and_clear();
     let mean = nll / count as f64;
@@ -156,11 +218,31 @@ pub fn eval(ckpt: &Checkpoint, device: Device, text: &Path, tokens: usize, max_w
         bail!("the mean NLL is not finite: the model produces NaN or infinite logits");
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&json!({ "windows": windows, "tokens": count, "mean_nll": mean, "perplexity": mean.exp() }))?);
+        println!("{}", serde_json::to_string_pretty(&json!({ "windows": n, "tokens": count, "mean_nll": mean, "perplexity": mean.exp() }))?);
     } else {
-        println!("{windows} windows, {count} predicted tokens: mean NLL {mean:.4} nats/token, perplexity {:.2}", mean.exp());
+        println!("{n} windows, {count} predicted tokens: mean NLL {mean:.4} nats/token, perplexity {:.2}", mean.exp());
     }
     Ok(())
+}
+
+/// Consecutive windows of a text file, `[n, tokens]`, each starting with BOS when asked.
+fn text_windows(ckpt: &Checkpoint, path: &Path, tokens: usize, max_windows: usize, bos: bool) -> Result<Tensor> {
+    let tokenizer = Tokenizer::for_model(&ckpt.dir, &ckpt.arch.family)?;
+    let content = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let ids = tokenizer.encode(&content)?;
+    let body = tokens - usize::from(bos);
+    if ids.len() < body {
+        bail!("{} has {} tokens: not enough for one window of {tokens}", path.display(), ids.len());
+    }
+    let bos_id = if bos { Some(tokenizer.bos().context("--bos: the tokenizer has no BOS token")?) } else { None };
+    let rows: Vec<Tensor> = (0..(ids.len() / body).min(max_windows))
+        .map(|w| {
+            let mut window: Vec<i64> = bos_id.into_iter().collect();
+            window.extend_from_slice(&ids[w * body..(w + 1) * body]);
+            Tensor::from_slice(&window)
+        })
+        .collect();
+    Ok(Tensor::stack(&rows, 0))
 }
 
 /// Runs the same windows through the model on the CPU and on `device`, and reports the largest

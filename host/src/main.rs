@@ -1,4 +1,6 @@
-//! `scalpel`: the host program. It loads analyzers and strategies as plugins and applies them to models.
+//! `scalpel`: the host program. It loads analyzers and strategies as plugins and applies them to
+//! models, and trains what surgery makes. `cli` turns arguments into a `Job`; `run` below is the one
+//! place that dispatches it.
 
 mod calib;
 mod cli;
@@ -8,17 +10,73 @@ mod gguf;
 mod import;
 mod inspect;
 mod model;
+mod pipeline;
 mod plots;
 mod plugins;
+mod present;
 mod recipe;
 mod session;
 mod surgery;
+mod train;
+
+use anyhow::Result;
+use cli::{Job, Task};
+use model::Checkpoint;
 
 fn main() {
     // Before anything touches libtorch's dispatcher, so that `--device cuda` can work.
     cuda::init();
-    if let Err(e) = cli::run() {
+    if let Err(e) = cli::parse().and_then(run) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+fn run(job: Job) -> Result<()> {
+    let device = || cuda::device(job.device.as_deref().unwrap_or("cpu"));
+    let registry = || {
+        let registry = plugins::Registry::load(&plugins::search_path(&job.plugin_dirs));
+        for w in registry.warnings() {
+            eprintln!("warning: {w}");
+        }
+        registry
+    };
+    match job.task {
+        Task::Plugins => present::list_plugins(&registry(), job.json),
+        Task::Describe(name) => present::describe(&registry(), &name, job.json),
+        Task::Inspect(path) if path.extension().is_some_and(|e| e == "gguf") => inspect::inspect_gguf(&path, job.json),
+        Task::Inspect(model) => inspect::inspect(&Checkpoint::open(&model)?, job.json),
+        Task::Import { gguf, out, dtype, force } => import::import(&gguf, &out, dtype, force),
+        Task::Generate { model, prompt, max_tokens, sampling } => inspect::generate(&Checkpoint::open(&model)?, device()?, &prompt, max_tokens, &sampling, job.json),
+        Task::Tokenize { model, text } => {
+            let ckpt = Checkpoint::open(&model)?;
+            let ids = model::tokenizer::Tokenizer::for_model(&model, &ckpt.arch.family)?.encode(&text)?;
+            println!("{}", serde_json::to_string(&ids)?);
+            Ok(())
+        }
+        Task::Eval { model, data, tokens, windows } => inspect::eval(&Checkpoint::open(&model)?, device()?, &data, tokens, windows, job.json),
+        Task::DeviceCheck { model, windows, tokens } => inspect::device_check(&Checkpoint::open(&model)?, device()?, windows, tokens, job.json),
+        Task::PrintRecipe(recipe) => {
+            print!("{}", recipe.to_toml()?);
+            Ok(())
+        }
+        Task::Recipe { recipe, opts } => {
+            let registry = registry();
+            let finished = pipeline::run(&recipe, &registry, &opts, &|line| eprintln!("{line}"))?;
+            let input = match &recipe.model {
+                Some(m) if finished.outcome.plan.is_some() || !finished.outcome.reports.0.is_empty() => Some(Checkpoint::open(m)?),
+                _ => None,
+            };
+            let (layers, key, config) = match &input {
+                Some(c) => (c.dims.layers, c.arch.config.layers.as_str(), c.config.clone()),
+                None => (0, "", serde_json::Value::Null),
+            };
+            present::finished(&finished, layers, key, &config, job.json, opts.dry_run)
+        }
+        Task::Resume(run) => {
+            let summary = train::resume(&run, device()?)?;
+            let finished = pipeline::Finished { outcome: pipeline::Outcome::empty(), written: Some(run), trained: Some(summary) };
+            present::finished(&finished, 0, "", &serde_json::Value::Null, job.json, false)
+        }
     }
 }

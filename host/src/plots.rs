@@ -108,6 +108,21 @@ pub fn attention_maps(
     emit(&fig, csv, out_dir, stem).context("attention maps")
 }
 
+/// One line of a loss figure: `(step, loss)` points.
+pub struct Curve {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Loss against training step: one line per curve (training, validation, each round of a run) and a
+/// dashed horizontal line per reference value (e.g. the full model's validation loss).
+/// Writes `{stem}.svg`, `{stem}.png`, `{stem}.csv` (`curve,step,loss`) into `out_dir`.
+pub fn loss_curves(curves: &[Curve], references: &[(String, f64)], title: &str, out_dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    let fig = LossFigure::new(curves, references, title).context("loss curve")?;
+    let csv = fig.csv();
+    emit(&fig, csv, out_dir, stem).context("loss curve")
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Rendering and output
 // ---------------------------------------------------------------------------------------------------------------
@@ -1452,5 +1467,119 @@ mod tests {
         attention_maps(&long, "A long window (T = 512)", &dir, "maps-long").unwrap();
         let many: Vec<_> = maps.iter().cycle().take(6).cloned().collect();
         attention_maps(&many, "Attention maps, six panels", &dir, "maps-six").unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Loss curves
+// ---------------------------------------------------------------------------------------------------------------
+
+struct LossFigure<'a> {
+    title: String,
+    curves: &'a [Curve],
+    references: &'a [(String, f64)],
+    x: (f64, f64),
+    y: (f64, f64),
+}
+
+impl<'a> LossFigure<'a> {
+    fn new(curves: &'a [Curve], references: &'a [(String, f64)], title: &str) -> Result<Self> {
+        ensure!(curves.iter().any(|c| !c.points.is_empty()), "no loss values to plot");
+        let (mut x, mut y) = ((f64::INFINITY, f64::NEG_INFINITY), (f64::INFINITY, f64::NEG_INFINITY));
+        for c in curves {
+            check_finite(&c.points.iter().map(|p| p.1).collect::<Vec<_>>(), |i| format!("loss `{}` at point {i}", c.label))?;
+            for &(s, l) in &c.points {
+                x = (x.0.min(s), x.1.max(s));
+                y = (y.0.min(l), y.1.max(l));
+            }
+        }
+        for (name, v) in references {
+            ensure!(v.is_finite(), "reference `{name}` is not a finite number");
+            y = (y.0.min(*v), y.1.max(*v));
+        }
+        if x.1 <= x.0 {
+            x.1 = x.0 + 1.0;
+        }
+        let (lo, hi) = padded(y.0, y.1);
+        let margin = 0.05 * (hi - lo);
+        Ok(LossFigure { title: title.to_string(), curves, references, x, y: (lo - margin, hi + margin) })
+    }
+
+    fn csv(&self) -> String {
+        let mut out = String::from("curve,step,loss\n");
+        for c in self.curves {
+            for (s, l) in &c.points {
+                let _ = writeln!(out, "{},{s},{l}", csv_field(&c.label));
+            }
+        }
+        for (name, v) in self.references {
+            let _ = writeln!(out, "{},,{v}", csv_field(name));
+        }
+        out
+    }
+}
+
+impl Figure for LossFigure<'_> {
+    fn size(&self) -> (u32, u32) {
+        (1000, 600)
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>, z: Z) -> Result<()> {
+        let body = title_band(root, &self.title, z)?;
+        let (lo, hi) = self.y;
+        let mut chart = ChartBuilder::on(&body)
+            .margin(z.i(12))
+            .margin_right(z.i(22))
+            .x_label_area_size(z.i(50))
+            .y_label_area_size(z.i(66))
+            .build_cartesian_2d(self.x.0..self.x.1, lo..hi)
+            .map_err(de)?;
+        let line = |c: RGBColor, w: u32| ShapeStyle::from(&c).stroke_width(z.u(w));
+        let fmt = |v: &f64| fmt_num(*v);
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss (nats/token)")
+            .x_label_formatter(&fmt)
+            .y_label_formatter(&fmt)
+            .label_style(z.font(TICK_PX))
+            .axis_desc_style(z.font(DESC_PX))
+            .bold_line_style(line(GRID, 1))
+            .light_line_style(TRANSPARENT)
+            .axis_style(line(AXIS, 1))
+            .set_all_tick_mark_size(z.i(5))
+            .draw()
+            .map_err(de)?;
+        let lw = z.i(24);
+        for (k, c) in self.curves.iter().enumerate() {
+            let colour = PALETTE[k % PALETTE.len()];
+            chart
+                .draw_series(LineSeries::new(c.points.clone(), line(colour, 2)))
+                .map_err(de)?
+                .label(c.label.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + lw, y)], line(colour, 2)));
+            if c.points.len() <= 40 {
+                chart.draw_series(c.points.iter().map(|&p| Circle::new(p, z.u(3), colour.filled()))).map_err(de)?;
+            }
+        }
+        for (k, (name, v)) in self.references.iter().enumerate() {
+            let colour = if k == 0 { BLACK } else { PALETTE[(self.curves.len() + k) % PALETTE.len()] };
+            chart
+                .draw_series(DashedLineSeries::new(vec![(self.x.0, *v), (self.x.1, *v)], z.i(9), z.i(6), line(colour, 2)))
+                .map_err(de)?
+                .label(format!("{name}: {}", fmt_num(*v)))
+                .legend(move |(x, y)| DashedPathElement::new(vec![(x, y), (x + lw, y)], z.i(6), z.i(4), line(colour, 2)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .margin(z.i(10))
+            .legend_area_size(z.i(34))
+            .label_font(z.font(LEGEND_PX))
+            .background_style(WHITE.mix(0.9))
+            .border_style(line(RGBColor(0xb0, 0xb0, 0xb0), 1))
+            .draw()
+            .map_err(de)?;
+        Ok(())
     }
 }

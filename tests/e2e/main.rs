@@ -5,6 +5,7 @@ mod models;
 mod plugins;
 mod smollm2;
 mod surgery;
+mod train;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,11 +1,15 @@
-//! Models: HF checkpoints in and out, the architecture data behind them, GGUF import, the forward pass
-//! and tokenizers.
+//! Models: HF checkpoints in and out, the architecture data behind them, one forward pass with a
+//! module per family, the parameter store shared by analysis, eval, generate and training, and
+//! tokenizers.
 
 pub mod arch;
 pub mod checkpoint;
-pub mod forward;
+pub mod gpt2;
+pub mod llama;
+pub mod params;
 pub mod tokenizer;
+pub mod transformer;
 pub mod write;
 
 pub use checkpoint::Checkpoint;
-pub use forward::Transformer;
+pub use transformer::Transformer;

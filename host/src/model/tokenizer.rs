@@ -47,6 +47,19 @@ impl Tokenizer {
         }
     }
 
+    /// The end-of-sequence token: `eos_token` of the folder's tokenizer_config.json, else a
+    /// conventional one the vocabulary has.
+    pub fn eos(&self, dir: &Path) -> Option<i64> {
+        let Tokenizer::Hf(t) = self else { return Some(50256) };
+        let config = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+        let named = config.as_ref().and_then(|c| c["eos_token"].as_str().or(c["eos_token"]["content"].as_str()).map(String::from));
+        named
+            .into_iter()
+            .chain(["<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>"].map(String::from))
+            .find_map(|s| t.token_to_id(&s))
+            .map(|i| i as i64)
+    }
+
     /// The beginning-of-sequence token, if the tokenizer has one.
     pub fn bos(&self) -> Option<i64> {
         match self {

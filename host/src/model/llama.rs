@@ -1,0 +1,193 @@
+//! The Llama family (LlamaForCausalLM, and Mistral, Qwen2 and SmolLM2, which differ from it only in
+//! config values): RMSNorm, rotary positions, grouped-query attention, SwiGLU. Semantics follow
+//! transformers' `modeling_llama.py`.
+
+use super::params::Params;
+use super::transformer::{Family, Init};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+/// The config.json fields the forward pass reads. Fields scalpel does not implement are refused by `check`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: Option<f64>,
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+    pub sliding_window: Option<i64>,
+    pub use_sliding_window: Option<bool>,
+    pub max_window_layers: Option<usize>,
+    pub num_hidden_layers: usize,
+}
+
+fn silu() -> String {
+    "silu".into()
+}
+fn default_eps() -> Option<f64> {
+    Some(1e-6)
+}
+fn default_init_range() -> f64 {
+    0.02
+}
+
+pub struct Llama {
+    cfg: LlamaConfig,
+    eps: f64,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+    window: Option<i64>,
+    /// RoPE inverse frequencies, `[head_dim / 2]`, float32 as transformers computes them.
+    inv_freq: Tensor,
+}
+
+impl Llama {
+    pub fn new(config: &Value, device: Device) -> Result<Self> {
+        let cfg: LlamaConfig = serde_json::from_value(config.clone()).context("config.json does not describe a Llama-family model")?;
+        if cfg.hidden_act != "silu" {
+            bail!("config.json `hidden_act` = \"{}\" is not implemented for Llama-family models (only \"silu\")", cfg.hidden_act);
+        }
+        let eps = match cfg.rms_norm_eps {
+            Some(e) if e.is_finite() && e > 0.0 => e,
+            other => bail!("config.json `rms_norm_eps` must be a positive number, found {other:?}"),
+        };
+        let heads = cfg.num_attention_heads;
+        let head_dim = cfg.head_dim.unwrap_or(cfg.hidden_size / heads.max(1));
+        let window = match (cfg.sliding_window, cfg.use_sliding_window) {
+            (Some(w), None | Some(true)) => Some(w),
+            _ => None,
+        };
+        if cfg.use_sliding_window == Some(true) && cfg.max_window_layers.is_some_and(|m| m < cfg.num_hidden_layers) {
+            bail!("sliding-window attention on only some layers (Qwen2 `max_window_layers`) is not supported");
+        }
+        let inv_freq = rope_inv_freq(config, head_dim)?.to_device(device);
+        Ok(Llama {
+            eps,
+            heads: heads as i64,
+            kv_heads: cfg.num_key_value_heads.unwrap_or(heads) as i64,
+            head_dim: head_dim as i64,
+            window,
+            inv_freq,
+            cfg,
+        })
+    }
+
+    /// cos and sin for positions `start..start + t`, `[t, head_dim]`, in HF's rotate-half layout.
+    fn rope_tables(&self, start: i64, t: i64, kind: Kind) -> (Tensor, Tensor) {
+        let pos = Tensor::arange_start(start, start + t, (Kind::Float, self.inv_freq.device()));
+        let freqs = pos.outer(&self.inv_freq);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+    }
+}
+
+const EMBED: &str = "model.embed_tokens.weight";
+
+impl Family for Llama {
+    fn embed(&self, p: &Params, ids: &Tensor, _start: i64) -> Result<Tensor> {
+        Ok(Tensor::f_embedding(p.get(EMBED)?, ids, -1, false, false)?)
+    }
+
+    fn qkv(&self, p: &Params, prefix: &str, h: &Tensor, start: i64) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t) = (h.size()[0], h.size()[1]);
+        let x = rms_norm(h, p.get(&format!("{prefix}input_layernorm.weight"))?, self.eps);
+        let proj = |name: &str, n: i64| -> Result<Tensor> {
+            let y = p.linear(&x, &format!("{prefix}self_attn.{name}.weight"), &format!("{prefix}self_attn.{name}.bias"))?;
+            Ok(y.reshape([b, t, n, self.head_dim]).transpose(1, 2))
+        };
+        let (q, k, v) = (proj("q_proj", self.heads)?, proj("k_proj", self.kv_heads)?, proj("v_proj", self.kv_heads)?);
+        let (cos, sin) = self.rope_tables(start, t, q.kind());
+        Ok((rotate(&q, &cos, &sin), rotate(&k, &cos, &sin), v))
+    }
+
+    fn scale(&self, _layer: usize) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
+    }
+
+    fn window(&self) -> Option<i64> {
+        self.window
+    }
+
+    fn finish(&self, p: &Params, prefix: &str, h: &Tensor, mixed: &Tensor) -> Result<Tensor> {
+        let w = |name: &str| format!("{prefix}{name}");
+        let h = h + p.linear(mixed, &w("self_attn.o_proj.weight"), &w("self_attn.o_proj.bias"))?;
+        let x = rms_norm(&h, p.get(&w("post_attention_layernorm.weight"))?, self.eps);
+        // Biases exist where config.json says `mlp_bias`.
+        let gate = p.linear(&x, &w("mlp.gate_proj.weight"), &w("mlp.gate_proj.bias"))?.silu();
+        let up = p.linear(&x, &w("mlp.up_proj.weight"), &w("mlp.up_proj.bias"))?;
+        Ok(&h + p.linear(&(gate * up), &w("mlp.down_proj.weight"), &w("mlp.down_proj.bias"))?)
+    }
+
+    fn head(&self, p: &Params, h: &Tensor) -> Result<Tensor> {
+        let x = rms_norm(h, p.get("model.norm.weight")?, self.eps);
+        let head = if p.opt("lm_head.weight").is_some() { "lm_head.weight" } else { EMBED };
+        p.linear(&x, head, "lm_head.bias")
+    }
+
+    fn init(&self, name: &str) -> Init {
+        // transformers' `_init_weights`: normal(0, initializer_range) matrices, ones for norms, zeros for biases.
+        if name.ends_with("norm.weight") {
+            Init::Ones
+        } else if name.ends_with(".bias") {
+            Init::Zeros
+        } else {
+            Init::Normal(self.cfg.initializer_range)
+        }
+    }
+}
+
+/// transformers' LlamaRMSNorm: in float32, then back to the input's kind, times the weight.
+fn rms_norm(h: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+    let kind = h.kind();
+    let x = h.to_kind(w.kind());
+    let var = x.pow_tensor_scalar(2).mean_dim(-1, true, x.kind());
+    (x * (var + eps).rsqrt()).to_kind(kind) * w
+}
+
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let (x1, x2) = (x.narrow(-1, 0, half), x.narrow(-1, half, half));
+    let rotated = Tensor::cat(&[&(-x2), &x1], -1);
+    x * cos + rotated * sin
+}
+
+/// RoPE inverse frequencies from config.json, in either transformers 4 (`rope_theta`, `rope_scaling`)
+/// or transformers 5 (`rope_parameters`) form. Computed in float32, as transformers does.
+fn rope_inv_freq(config: &Value, head_dim: usize) -> Result<Tensor> {
+    let params = &config["rope_parameters"];
+    let theta = config["rope_theta"].as_f64().or(params["rope_theta"].as_f64()).unwrap_or(10000.0);
+    if !(theta.is_finite() && theta > 0.0) {
+        bail!("config.json `rope_theta` must be a positive number, found {theta}");
+    }
+    let scaling = if config["rope_scaling"].is_object() { &config["rope_scaling"] } else { params };
+    let rope_type = scaling["rope_type"].as_str().or(scaling["type"].as_str()).unwrap_or("default");
+    let exps = Tensor::arange_start_step(0, head_dim as i64, 2, (Kind::Float, Device::Cpu)) / head_dim as f64;
+    let inv = Tensor::from(theta as f32).pow(&exps).reciprocal();
+    let factor = || scaling["factor"].as_f64().context("rope scaling has no `factor`");
+    Ok(match rope_type {
+        "default" => inv,
+        "linear" => inv / factor()?,
+        "llama3" => {
+            let factor = factor()?;
+            let low = scaling["low_freq_factor"].as_f64().context("llama3 rope scaling needs low_freq_factor")?;
+            let high = scaling["high_freq_factor"].as_f64().context("llama3 rope scaling needs high_freq_factor")?;
+            let old = scaling["original_max_position_embeddings"].as_f64().context("llama3 rope scaling needs original_max_position_embeddings")?;
+            let (low_wavelen, high_wavelen) = (old / low, old / high);
+            let wavelen = inv.reciprocal() * (2.0 * std::f64::consts::PI);
+            let scaled = inv.where_self(&wavelen.le(low_wavelen), &(&inv / factor));
+            let smooth = (old / &wavelen - low) / (high - low);
+            let smoothed: Tensor = (1.0 - &smooth) * &scaled / factor + &smooth * &scaled;
+            let medium = wavelen.ge(high_wavelen).logical_and(&wavelen.le(low_wavelen));
+            smoothed.where_self(&medium, &scaled)
+        }
+        other => bail!("RoPE scaling `{other}` is not supported (supported: default, linear, llama3)"),
+    })
+}

@@ -1,0 +1,405 @@
+//! The one pipeline behind `run`, `analyze`, `apply` and `train`: prepare → execute → write, each
+//! stage returning data and printing nothing (`present.rs` shows the result; progress bars and
+//! progress lines go to stderr through the caller's `progress`).
+//!
+//! - prepare: resolve every item, open the model, check the output, load calibration and reports;
+//! - execute: analyzers report, strategies plan (each seeing the model the plan so far makes);
+//! - write: reports, figures, calibration ids, provenance and the new model, into a staged folder
+//!   renamed into place once;
+//! - a `train` step then trains the written model (or the recipe's own) in its run folder.
+
+use crate::calib::{Sampling, Windows};
+use crate::model::checkpoint::{parse_dtype, Checkpoint};
+use crate::model::tokenizer::Tokenizer;
+use crate::model::write::{write_model, Folder, Staging, DEFAULT_SHARD_BYTES};
+use crate::plugins::Registry;
+use crate::recipe::{Options, Recipe, Step, StepKind};
+use crate::session::Session;
+use crate::{cuda, plots, surgery, train};
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::Dtype;
+use scalpel_sdk::{ItemKind, ModelInfo, ModelSource, Plan, Report, Reports};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Tensor};
+
+/// Everything checked and loaded before any work: a typo fails in a second, not after the analysis.
+pub struct Prepared<'r> {
+    pub recipe: &'r Recipe,
+    pub ckpt: Checkpoint,
+    pub device: Device,
+    dtype: Option<Dtype>,
+    windows: Option<Windows>,
+    reports: Reports,
+    staging: Option<Staging>,
+}
+
+/// What the steps found and decided.
+pub struct Outcome {
+    pub reports: Reports,
+    pub plan: Option<Plan>,
+    /// The new model's config.json, when a plan or a conversion writes one.
+    pub config: Option<Value>,
+    /// For the user: how the plan carries index-dependent settings, what is initialised afresh.
+    pub warnings: Vec<String>,
+    /// The first input layer a prefix-keeping plan removes.
+    pub cut: Option<usize>,
+}
+
+/// What a recipe run produced.
+pub struct Finished {
+    pub outcome: Outcome,
+    /// The output folder, once renamed into place (none on a dry run or without an output).
+    pub written: Option<PathBuf>,
+    pub trained: Option<train::Summary>,
+}
+
+/// Runs a whole recipe; `progress` receives one-line progress messages.
+pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options, progress: &dyn Fn(&str)) -> Result<Finished> {
+    let training = recipe.steps.iter().find_map(|s| match s.kind() {
+        Ok(StepKind::Train(c)) => Some(c.clone()),
+        _ => None,
+    });
+    let items = recipe.steps.iter().filter(|s| s.train.is_none()).count();
+    if let Some(config) = training.filter(|_| items == 0 && recipe.dtype.is_none()) {
+        // A recipe that only trains is `scalpel train`: its output is the run folder.
+        let run = train_run(recipe, recipe.model.clone(), recipe.output.clone(), config)?;
+        if opts.dry_run {
+            return Ok(Finished { outcome: Outcome::empty(), written: None, trained: None });
+        }
+        let summary = train::start(&run, cuda::device(recipe.device.as_deref().unwrap_or("cpu"))?, opts.force)?;
+        return Ok(Finished { outcome: Outcome::empty(), written: Some(run.output.clone()), trained: Some(summary) });
+    }
+    let mut prepared = prepare(recipe, registry, opts)?;
+    let (windows, staging) = (prepared.windows.take(), prepared.staging.take());
+    let session = Session::new(&prepared.ckpt, prepared.device, windows);
+    progress(&format!("{} ({} layers) on {}", prepared.ckpt.dir.display(), prepared.ckpt.dims.layers, session.info().device));
+    let outcome = execute(&prepared, &session, registry, progress)?;
+    let written = match staging {
+        Some(staging) => Some(write(&prepared, staging, &session, &outcome, registry, opts)?),
+        None => None,
+    };
+    drop(session);
+    let trained = match (recipe.steps.iter().find_map(|s| s.train.clone()), &written) {
+        (Some(config), Some(dest)) => {
+            // Train what the steps before wrote, or the recipe's model when they wrote none.
+            let model = if dest.join("model").is_dir() { Some(dest.join("model")) } else { recipe.model.clone() };
+            let run = train_run(recipe, model, Some(dest.join("train")), config)?;
+            Some(train::start(&run, prepared.device, false)?)
+        }
+        _ => None,
+    };
+    Ok(Finished { outcome, written, trained })
+}
+
+fn train_run(recipe: &Recipe, model: Option<PathBuf>, output: Option<PathBuf>, config: train::TrainConfig) -> Result<train::Run> {
+    let abs = |p: PathBuf| std::path::absolute(&p).with_context(|| format!("resolving {}", p.display()));
+    Ok(train::Run {
+        model: abs(model.ok_or_else(|| anyhow!("the recipe names no model to train (set `model = \"…\"` or pass one)"))?)?,
+        data: abs(recipe.data.clone().ok_or_else(|| anyhow!("a train step needs training data: set `data = \"…\"` (or --data)"))?)?,
+        val: recipe.val.clone().map(abs).transpose()?,
+        output: abs(output.ok_or_else(|| anyhow!("training writes a run folder: give an output folder (-o DIR)"))?)?,
+        config,
+    })
+}
+
+impl Outcome {
+    pub fn empty() -> Self {
+        Outcome { reports: Reports::default(), plan: None, config: None, warnings: vec![], cut: None }
+    }
+}
+
+pub fn prepare<'r>(recipe: &'r Recipe, registry: &Registry, opts: &Options) -> Result<Prepared<'r>> {
+    let model_dir = recipe.model.as_deref().ok_or_else(|| anyhow!("the recipe names no model (set `model = \"…\"` or pass one)"))?;
+    if recipe.steps.is_empty() && recipe.dtype.is_none() {
+        bail!("the recipe has no steps: add [[step]] tables naming an analyzer, a strategy or `train` (or set `dtype` to convert)");
+    }
+    let mut trains = 0;
+    for (i, step) in recipe.steps.iter().enumerate() {
+        match step.kind()? {
+            StepKind::Item(name, kind) => {
+                registry.get(name, Some(kind))?;
+                if trains > 0 {
+                    bail!("step {} (`{name}`) comes after the train step: training must be the last step", i + 1);
+                }
+            }
+            StepKind::Train(_) => trains += 1,
+        }
+    }
+    if trains > 1 {
+        bail!("the recipe has {trains} train steps: one run trains once (use `scalpel inheritune` for rounds)");
+    }
+    let writes_model = recipe.dtype.is_some() || recipe.steps.iter().any(|s| s.strategy.is_some());
+    if recipe.output.is_none() && !opts.dry_run && (writes_model || trains > 0) {
+        bail!("a strategy or a train step writes a new model: give an output folder (-o DIR), or --dry-run to see the plan");
+    }
+    let dtype = recipe.dtype.as_deref().map(parse_dtype).transpose()?;
+    let device = cuda::device(recipe.device.as_deref().unwrap_or("cpu"))?;
+    let ckpt = Checkpoint::open(model_dir)?;
+    if let (Some(out), Ok(input)) = (&recipe.output, model_dir.canonicalize()) {
+        let out = std::path::absolute(out)?;
+        if input.starts_with(&out) || out.canonicalize().is_ok_and(|o| input.starts_with(o)) {
+            bail!("the output {} holds the input model {}: choose an output outside it", out.display(), input.display());
+        }
+    }
+    let needs_calibration = recipe.steps.iter().any(|s| s.analyzer.is_some());
+    let windows = match (&recipe.calibration, needs_calibration) {
+        (Some(c), true) => {
+            let tokenizer = || Tokenizer::for_model(model_dir, &ckpt.arch.family);
+            let sampling = Sampling { sequences: c.sequences, tokens: c.tokens, seed: c.seed, bos: c.bos };
+            Some(Windows::load(&c.file, tokenizer, ckpt.dims.vocab, &sampling)?)
+        }
+        // Analyzers that read only weights need none; one that asks for activations gets a clear error.
+        _ => None,
+    };
+    let reports = match &recipe.reports {
+        Some(file) => {
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading reports {}", file.display()))?;
+            let reports: Reports = serde_json::from_str(&text).with_context(|| format!("{} is not a reports.json written by scalpel", file.display()))?;
+            for r in reports.0.values() {
+                check_report(r, ckpt.dims.layers).with_context(|| format!("{} does not describe {}", file.display(), model_dir.display()))?;
+            }
+            reports
+        }
+        None => Reports::default(),
+    };
+    // Last, so that nothing is created when a check above fails.
+    let staging = match (&recipe.output, opts.dry_run) {
+        (Some(out), false) => Some(Staging::new(out, opts.force)?),
+        _ => None,
+    };
+    Ok(Prepared { recipe, ckpt, device, dtype, windows, reports, staging })
+}
+
+/// Analyzers report and strategies plan, in recipe order.
+pub fn execute(p: &Prepared, session: &Session, registry: &Registry, progress: &dyn Fn(&str)) -> Result<Outcome> {
+    let ckpt = &p.ckpt;
+    let mut reports = p.reports.clone();
+    let mut plan: Option<Plan> = None;
+    for step in &p.recipe.steps {
+        let Some((name, kind)) = step.item() else { continue };
+        let item = registry.get(name, Some(kind))?;
+        let started = Instant::now();
+        progress(&format!("{kind} {name} …"));
+        match kind {
+            ItemKind::Analyzer => {
+                let out = item.call(session, &step.config, &json!({}))?;
+                let mut report: Report = serde_json::from_value(out).with_context(|| format!("`{name}` returned a malformed report"))?;
+                report.analyzer = name.to_string();
+                check_report(&report, ckpt.dims.layers)?;
+                reports.insert(report);
+            }
+            ItemKind::Strategy => {
+                let next: Plan = match &plan {
+                    None => call_strategy(&item, session, step, &reports)?,
+                    Some(p) => call_strategy(&item, &Planned::new(session, p), step, &reports)?,
+                };
+                let current = plan.as_ref().map_or(ckpt.dims.layers, |p| p.layers.len());
+                next.validate(current).with_context(|| format!("strategy `{name}` made an invalid plan"))?;
+                plan = Some(match plan {
+                    None => next,
+                    Some(p) => p.then(&next)?,
+                });
+            }
+        }
+        progress(&format!("{kind} {name} done in {:.1} s", started.elapsed().as_secs_f64()));
+    }
+    if plan.is_none() && p.dtype.is_some() {
+        // A conversion: every block kept as it is.
+        plan = Some(Plan::identity(ckpt.dims.layers).note(format!("stored as {}", p.recipe.dtype.as_deref().unwrap_or_default())));
+    }
+    let cut = plan.as_ref().and_then(|p| first_removed(p, ckpt.dims.layers));
+    let (config, warnings) = match &plan {
+        Some(plan) => {
+            let (config, warnings) = surgery::resulting_config(ckpt, plan, p.dtype)?;
+            (Some(config), warnings)
+        }
+        None => (None, vec![]),
+    };
+    Ok(Outcome { reports, plan, config, warnings, cut })
+}
+
+/// Writes everything into the staged output and renames it into place.
+pub fn write(p: &Prepared, staging: Staging, session: &Session, outcome: &Outcome, registry: &Registry, opts: &Options) -> Result<PathBuf> {
+    let (ckpt, recipe) = (&p.ckpt, p.recipe);
+    let model_dir = &ckpt.dir;
+    let out = &staging.tmp;
+    let reports = &outcome.reports;
+    if !reports.0.is_empty() {
+        std::fs::write(out.join("reports.json"), serde_json::to_string_pretty(reports)? + "\n")?;
+        write_figures(reports, session, outcome.cut, &model_name(model_dir), out, &opts.maps)?;
+    }
+    if let Some(ids) = session.calibration_ids() {
+        // The exact windows, so that anyone can rerun this analysis with `--calib calibration.safetensors`.
+        Tensor::write_safetensors(&[("input_ids", ids)], out.join("calibration.safetensors"))?;
+    }
+    let record = record(recipe, registry, ckpt, session.info(), outcome.plan.as_ref())?;
+    std::fs::write(out.join("recipe.toml"), recipe.to_toml()?)?;
+    std::fs::write(out.join("record.json"), serde_json::to_string_pretty(&record)? + "\n")?;
+    if let (Some(plan), Some(config)) = (&outcome.plan, &outcome.config) {
+        let folder = Folder { config, companions_from: Some(model_dir), extra_files: vec![], record: &record };
+        let tensors = surgery::resulting_tensors(ckpt, plan, p.dtype, 0);
+        write_model(&out.join("model"), false, folder, tensors, DEFAULT_SHARD_BYTES)?;
+    }
+    staging.commit()
+}
+
+fn call_strategy(item: &crate::plugins::ItemRef, model: &dyn ModelSource, step: &Step, reports: &Reports) -> Result<Plan> {
+    let out = item.call(model, &step.config, &serde_json::to_value(reports)?)?;
+    serde_json::from_value(out).with_context(|| format!("`{}` returned a malformed plan", item.item.name))
+}
+
+/// A report must describe this model's layers, with finite numbers.
+fn check_report(r: &Report, layers: usize) -> Result<()> {
+    for m in &r.metrics {
+        if m.per_layer.len() != layers {
+            bail!("analyzer `{}` reported {} values of `{}` for a model of {layers} layers", r.analyzer, m.per_layer.len(), m.name);
+        }
+        if let Some(l) = m.per_layer.iter().position(|v| !v.is_finite()) {
+            bail!("analyzer `{}` reported a non-finite `{}` for layer {l}", r.analyzer, m.name);
+        }
+    }
+    Ok(())
+}
+
+/// The first input layer a plan leaves out, when it keeps a prefix and drops the rest.
+fn first_removed(plan: &Plan, layers: usize) -> Option<usize> {
+    let kept = plan.sources();
+    (0..layers).find(|l| !kept.contains(l)).filter(|&c| kept.iter().all(|&k| k < c))
+}
+
+fn model_name(dir: &Path) -> String {
+    dir.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
+}
+
+/// Figures of what the analyzers found, with the CSV behind each.
+fn write_figures(reports: &Reports, session: &Session, cut: Option<usize>, model: &str, out: &Path, maps: &[(usize, usize)]) -> Result<()> {
+    let all: Vec<Report> = reports.0.values().cloned().collect();
+    // One model: every analyzer's metrics on the same axes, labelled with the model's name.
+    let merged = Report { analyzer: model.to_string(), metrics: all.iter().flat_map(|r| r.metrics.clone()).collect(), notes: vec![], extra: json!({ "label": model }) };
+    let preferred: Vec<&str> = ["max_rank", "avg_mass"].into_iter().filter(|m| merged.get(m).is_ok()).collect();
+    let chosen: Vec<&str> = if preferred.is_empty() { merged.metrics.iter().map(|m| m.name.as_str()).take(2).collect() } else { preferred };
+    if !chosen.is_empty() {
+        plots::layer_profile(std::slice::from_ref(&merged), &chosen, cut, &format!("{model}: attention profile"), out, "profile")?;
+    }
+    for r in &all {
+        for m in r.metrics.iter().filter(|m| m.per_head.is_some()) {
+            let stem = format!("heads-{}", m.name.replace('_', "-"));
+            let title = format!("{model}: {} (per head, mean over sequences)", m.name);
+            plots::head_heatmap(r, &m.name, &title, out, &stem)?;
+        }
+    }
+    let info = session.info();
+    if session.calibration_ids().is_none() {
+        return Ok(()); // attention maps need activations: weight-only analyses and saved reports have none
+    }
+    let maps = if maps.is_empty() { default_maps(reports, info.layers) } else { maps.to_vec() };
+    let mut panels = Vec::new();
+    for &(layer, head) in &maps {
+        if layer >= info.layers || head >= info.heads {
+            bail!("--maps {layer}:{head} is outside the model ({} layers, {} heads)", info.layers, info.heads);
+        }
+        let a = session.attention(layer)?.get(0).get(head as i64).to_kind(tch::Kind::Float).to_device(tch::Device::Cpu);
+        let t = a.size()[0] as usize;
+        let data = Vec::<f32>::try_from(a.flatten(0, 1))?;
+        panels.push((format!("layer {layer} head {head}"), t, data));
+    }
+    plots::attention_maps(&panels, &format!("{model}: attention of the first calibration window"), out, "attention")?;
+    Ok(())
+}
+
+/// The first and last layers' head 0, and the heads of lowest and highest rank, when a rank report exists.
+fn default_maps(reports: &Reports, layers: usize) -> Vec<(usize, usize)> {
+    let mut maps = vec![(0, 0)];
+    if let Some(per_head) = reports.get("attn-rank").ok().and_then(|r| r.get("max_rank").ok()).and_then(|m| m.per_head.as_ref()) {
+        let cells = per_head.iter().enumerate().flat_map(|(l, hs)| hs.iter().enumerate().map(move |(h, &v)| (v, l, h)));
+        let by_value = |a: &(f64, usize, usize), b: &(f64, usize, usize)| a.0.total_cmp(&b.0);
+        maps.extend(cells.clone().min_by(by_value).map(|(_, l, h)| (l, h)));
+        maps.extend(cells.max_by(by_value).map(|(_, l, h)| (l, h)));
+    } else {
+        maps.push((layers / 2, 0));
+    }
+    maps.push((layers - 1, 0));
+    maps.dedup();
+    maps
+}
+
+/// What produced an output: the recipe, the plugins that ran, checksums of the inputs.
+fn record(recipe: &Recipe, registry: &Registry, ckpt: &Checkpoint, info: &ModelInfo, plan: Option<&Plan>) -> Result<Value> {
+    let mut plugins = serde_json::Map::new();
+    for (name, kind) in recipe.steps.iter().filter_map(Step::item) {
+        let it = registry.get(name, Some(kind))?;
+        plugins.insert(name.into(), json!({ "plugin": it.plugin.manifest.plugin, "version": it.plugin.manifest.version, "library": it.plugin.path }));
+    }
+    let mut inputs = serde_json::Map::new();
+    for path in ckpt.shard_paths().map(Path::to_path_buf).chain([ckpt.dir.join("config.json")]).chain(recipe.calibration.as_ref().map(|c| c.file.clone())) {
+        inputs.insert(path.display().to_string(), Value::from(sha256(&path)?));
+    }
+    Ok(json!({
+        "produced_by": format!("scalpel {}", env!("CARGO_PKG_VERSION")),
+        "libtorch": scalpel_sdk::LIBTORCH_VERSION,
+        "command": std::env::args().collect::<Vec<_>>(),
+        "recipe": recipe,
+        "plugins": plugins,
+        "inputs_sha256": inputs,
+        "calibration": info.calibration,
+        "plan": plan,
+    }))
+}
+
+pub fn sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?, &mut hasher)?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The model a plan makes, before it is written: what a strategy after another strategy sees.
+/// Weights are read through the layer map; activations of an unwritten model are not available.
+struct Planned<'a> {
+    base: &'a Session<'a>,
+    plan: &'a Plan,
+    info: ModelInfo,
+}
+
+impl<'a> Planned<'a> {
+    fn new(base: &'a Session<'a>, plan: &'a Plan) -> Self {
+        let arch = base.ckpt.arch;
+        let mut info = base.info().clone();
+        info.layers = plan.layers.len();
+        info.calibration = None;
+        info.tensors = base
+            .ckpt
+            .names()
+            .filter(|n| arch.split_block_name(n).is_none())
+            .map(String::from)
+            .chain((0..plan.layers.len()).flat_map(|j| {
+                let from = arch.block_prefix(plan.layers[j].from);
+                let to = arch.block_prefix(j);
+                base.ckpt.names().filter_map(|n| n.strip_prefix(from.as_str()).map(|inner| format!("{to}{inner}"))).collect::<Vec<_>>()
+            }))
+            .collect();
+        Planned { base, plan, info }
+    }
+}
+
+impl ModelSource for Planned<'_> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        let arch = self.base.ckpt.arch;
+        match arch.split_block_name(name) {
+            Some((j, inner)) if j < self.plan.layers.len() => self.base.tensor(&format!("{}{inner}", arch.block_prefix(self.plan.layers[j].from))),
+            Some((j, _)) => bail!("layer {j} does not exist in the planned model of {} layers", self.plan.layers.len()),
+            None => self.base.tensor(name),
+        }
+    }
+    fn attention(&self, _: usize) -> Result<Tensor> {
+        bail!("attention of a planned, unwritten model is not available: write it (-o DIR) and analyze the result")
+    }
+    fn hidden(&self, _: usize) -> Result<Tensor> {
+        bail!("hidden states of a planned, unwritten model are not available: write it (-o DIR) and analyze the result")
+    }
+}

@@ -1,0 +1,435 @@
+//! `scalpel train`: next-token training of any HF model folder (cut, grown, original, or the same
+//! architecture freshly initialised) on tokenized text, with AdamW, warm-up and cosine decay,
+//! gradient clipping, optional bf16 mixed precision, and checkpoints that survive `kill -9`.
+//!
+//! A run folder holds:
+//! - `train.json`: the settings (what `--resume` continues with);
+//! - `checkpoint/`: `model/` (an HF folder, float32 master weights), `optimizer.safetensors` and
+//!   `trainer.json` (step, tokens, time), replaced as a whole at every save;
+//! - `model` → `checkpoint/model`, for `scalpel eval OUT/model`;
+//! - `log.jsonl`: one line per step (`step, loss, lr, grad_norm, tokens, elapsed_s`, plus `val_loss`);
+//! - `loss.{png,svg,csv}` and `record.json` (inputs and their checksums).
+//!
+//! Batches are a pure function of (seed, step), so a resumed run sees exactly the batches the
+//! interrupted one would have: its loss curve is the uninterrupted one.
+
+mod adamw;
+
+use crate::data::Dataset;
+use crate::model::checkpoint::Checkpoint;
+use crate::model::write::{write_model, Folder, Staging, DEFAULT_SHARD_BYTES};
+use crate::model::Transformer;
+use crate::plots;
+use adamw::{clip_grad_norm, AdamW};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Everything that decides what a training run computes. Each field is a `scalpel train` flag and
+/// a key of a recipe's `train` step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    #[arg(long, default_value_t = TrainConfig::default().steps)]
+    pub steps: u64,
+    /// Windows per micro-batch.
+    #[arg(long, default_value_t = TrainConfig::default().batch)]
+    pub batch: usize,
+    /// Tokens per window.
+    #[arg(long, default_value_t = TrainConfig::default().seq)]
+    pub seq: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = TrainConfig::default().grad_accum)]
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    #[arg(long, default_value_t = TrainConfig::default().min_lr)]
+    pub min_lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = TrainConfig::default().warmup)]
+    pub warmup: u64,
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().schedule)]
+    pub schedule: Schedule,
+    /// AdamW weight decay (on matrices and embeddings only).
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = TrainConfig::default().clip)]
+    pub clip: f64,
+    /// Seeds the batches (and a random initialisation).
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    pub seed: u64,
+    /// Random windows (true) or the data in order (false; a `[N, T]` tensor's rows, B per step).
+    #[arg(long, default_value_t = TrainConfig::default().shuffle, action = clap::ArgAction::Set)]
+    pub shuffle: bool,
+    /// f32, or bf16 mixed precision (matrix products in bf16, float32 master weights).
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().dtype)]
+    pub dtype: Precision,
+    /// Start from the model's weights (`pretrained`) or from a fresh initialisation of its config (`random`).
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().init)]
+    pub init: Start,
+    /// Validation loss every this many steps (0: only at the end).
+    #[arg(long, default_value_t = TrainConfig::default().eval_every)]
+    pub eval_every: u64,
+    /// Validation windows (of `seq` tokens) for the validation loss.
+    #[arg(long, default_value_t = TrainConfig::default().eval_windows)]
+    pub eval_windows: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    #[arg(long, default_value_t = TrainConfig::default().save_every)]
+    pub save_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 100,
+            batch: 8,
+            seq: 256,
+            grad_accum: 1,
+            lr: 3e-4,
+            min_lr: 3e-5,
+            warmup: 10,
+            schedule: Schedule::Cosine,
+            weight_decay: 0.1,
+            clip: 1.0,
+            seed: 0,
+            shuffle: true,
+            dtype: Precision::F32,
+            init: Start::Pretrained,
+            eval_every: 0,
+            eval_windows: 16,
+            save_every: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Cosine,
+    Constant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Start {
+    Pretrained,
+    Random,
+}
+
+/// A run: what to train, on what, into which folder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Run {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    /// Validation data, when not the data's own validation split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val: Option<PathBuf>,
+    pub output: PathBuf,
+    pub config: TrainConfig,
+}
+
+impl TrainConfig {
+    /// The learning rate of step `step` (0-based): linear warm-up, then cosine decay to `min_lr` or constant.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Cosine => {
+                let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+                let ratio = ((step - self.warmup) as f64 / span).min(1.0);
+                self.min_lr + 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos()) * (self.lr - self.min_lr)
+            }
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        let positive = [("steps", self.steps as f64), ("batch", self.batch as f64), ("grad-accum", self.grad_accum as f64)];
+        for (name, v) in positive {
+            if v < 1.0 {
+                bail!("--{name} must be at least 1");
+            }
+        }
+        if self.seq < 2 {
+            bail!("--seq {}: a window needs at least 2 tokens", self.seq);
+        }
+        for (name, v) in [("lr", self.lr), ("min-lr", self.min_lr), ("weight-decay", self.weight_decay), ("clip", self.clip)] {
+            if !v.is_finite() || v < 0.0 {
+                bail!("--{name} must be a finite number ≥ 0, found {v}");
+            }
+        }
+        Ok(())
+    }
+}
+
+pub const SETTINGS: &str = "train.json";
+const CHECKPOINT: &str = "checkpoint";
+const LOG: &str = "log.jsonl";
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub tokens: u64,
+    pub final_loss: f64,
+    pub val_loss: Option<f64>,
+    pub elapsed_s: f64,
+    pub model: PathBuf,
+}
+
+/// Trainer state kept in a checkpoint beside the weights and the optimizer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    tokens: u64,
+    elapsed_s: f64,
+}
+
+/// Starts a run in a new folder (`force`: replace an earlier run there).
+pub fn start(run: &Run, device: Device, force: bool) -> Result<Summary> {
+    run.config.check()?;
+    // Everything is checked before the folder exists, so a typo leaves nothing behind.
+    let ckpt = Checkpoint::open(&run.model)?;
+    let data = open_data(run, &ckpt)?;
+    let staging = Staging::new(&run.output, force)?;
+    std::fs::write(staging.tmp.join(SETTINGS), serde_json::to_string_pretty(run)? + "\n")?;
+    std::fs::write(staging.tmp.join("record.json"), serde_json::to_string_pretty(&record(run, &data)?)? + "\n")?;
+    let out = staging.commit()?;
+    let net = match run.config.init {
+        Start::Pretrained => Transformer::load(&ckpt, device, Kind::Float)?,
+        Start::Random => Transformer::random(&ckpt, device, Kind::Float, run.config.seed)?,
+    };
+    train(run, &out, &ckpt, net, AdamW::new(run.config.weight_decay), &data, TrainerState { step: 0, tokens: 0, elapsed_s: 0.0 })
+}
+
+/// Continues the run in `out` from its last checkpoint, with the settings it was started with.
+pub fn resume(out: &Path, device: Device) -> Result<Summary> {
+    let settings = out.join(SETTINGS);
+    let text = std::fs::read_to_string(&settings).with_context(|| format!("{} is not a training run folder (no {SETTINGS})", out.display()))?;
+    let run: Run = serde_json::from_str(&text).with_context(|| format!("{} is not a valid {SETTINGS}", settings.display()))?;
+    let ckpt_dir = out.join(CHECKPOINT);
+    let ckpt = Checkpoint::open(&run.model)?;
+    let data = open_data(&run, &ckpt)?;
+    if !ckpt_dir.join("trainer.json").exists() {
+        // Killed before its first checkpoint: start again from the beginning, in place.
+        eprintln!("{} has no checkpoint yet: starting from step 0", out.display());
+        let net = match run.config.init {
+            Start::Pretrained => Transformer::load(&ckpt, device, Kind::Float)?,
+            Start::Random => Transformer::random(&ckpt, device, Kind::Float, run.config.seed)?,
+        };
+        return train(&run, out, &ckpt, net, AdamW::new(run.config.weight_decay), &data, TrainerState { step: 0, tokens: 0, elapsed_s: 0.0 });
+    }
+    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(ckpt_dir.join("trainer.json"))?).context("reading trainer.json")?;
+    let saved = Checkpoint::open(&ckpt_dir.join("model"))?;
+    let net = Transformer::load(&saved, device, Kind::Float)?;
+    let mut opt = AdamW::new(run.config.weight_decay);
+    let names: Vec<(&str, &Tensor)> = net.params.iter().filter(|(_, t)| t.is_floating_point()).collect();
+    opt.load(&ckpt_dir.join("optimizer.safetensors"), &names)?;
+    eprintln!("resuming {} at step {} of {}", out.display(), state.step, run.config.steps);
+    train(&run, out, &ckpt, net, opt, &data, state)
+}
+
+fn open_data(run: &Run, ckpt: &Checkpoint) -> Result<Dataset> {
+    let mut data = Dataset::open(&run.data)?;
+    if let Some(val) = &run.val {
+        data.val = Some(Dataset::open(val)?.train);
+    }
+    let vocab = ckpt.dims.vocab;
+    for (split, tokens) in [("training", Some(&data.train)), ("validation", data.val.as_ref())] {
+        if let Some(t) = tokens {
+            if t.max_id() as usize >= vocab {
+                bail!("the {split} data has token id {} but the model's vocabulary has {vocab}: it was tokenized for another model", t.max_id());
+            }
+        }
+    }
+    Ok(data)
+}
+
+fn train(run: &Run, out: &Path, ckpt: &Checkpoint, mut net: Transformer, mut opt: AdamW, data: &Dataset, mut state: TrainerState) -> Result<Summary> {
+    let c = &run.config;
+    net.params.train();
+    if c.dtype == Precision::Bf16 {
+        net.params.set_amp(Some(Kind::BFloat16));
+    }
+    let mut log = open_log(out, state.step)?;
+    let val = match &data.val {
+        Some(v) => Some(v.windows(c.seq, c.eval_windows)?),
+        None => None,
+    };
+    let tokens_per_step = (c.batch * c.grad_accum * c.seq) as u64;
+    let bar = ProgressBar::new(c.steps).with_style(ProgressStyle::with_template("train {bar:30} {pos}/{len} steps  {msg}  {eta} left").expect("a valid template"));
+    bar.set_position(state.step);
+    let started = Instant::now();
+    let (elapsed_before, first_step) = (state.elapsed_s, state.step);
+    let (mut last_loss, mut last_val) = (f64::NAN, None);
+    let mut last_saved = state.step;
+    while state.step < c.steps {
+        let step = state.step;
+        let lr = c.lr_at(step);
+        let mut loss_sum = 0.0;
+        for micro in 0..c.grad_accum as u64 {
+            let ids = data.train.batch(step * c.grad_accum as u64 + micro, c.batch, c.seq, c.seed, c.shuffle)?;
+            let loss = net.loss(&ids)?;
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                bar.abandon();
+                bail!(
+                    "the loss became {value} at step {}: training stopped. The last good checkpoint (step {last_saved}) in {} is intact; \
+                     lower --lr, keep --clip on, or use --dtype f32",
+                    step + 1,
+                    out.join(CHECKPOINT).display()
+                );
+            }
+            (loss / c.grad_accum as f64).backward();
+            loss_sum += value;
+        }
+        let loss = loss_sum / c.grad_accum as f64;
+        let grad_norm = clip_grad_norm(net.params.iter().map(|(_, t)| t), c.clip);
+        if !grad_norm.is_finite() {
+            bar.abandon();
+            bail!("the gradient norm became {grad_norm} at step {}: training stopped. The last good checkpoint (step {last_saved}) is intact", step + 1);
+        }
+        opt.update(net.params.iter(), lr);
+        for (_, t) in net.params.iter() {
+            let mut t = t.shallow_clone();
+            t.zero_grad();
+        }
+        state.step += 1;
+        state.tokens += tokens_per_step;
+        state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+        last_loss = loss;
+        let mut line = json!({ "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens, "elapsed_s": state.elapsed_s });
+        let at_end = state.step == c.steps;
+        if let Some(v) = &val {
+            if at_end || (c.eval_every > 0 && state.step % c.eval_every == 0) {
+                let vl = validation_loss(&net, v, c.batch)?;
+                line["val_loss"] = json!(vl);
+                last_val = Some(vl);
+            }
+        }
+        writeln!(log, "{line}")?;
+        let rate = (state.step - first_step) as f64 * tokens_per_step as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!("loss {loss:.4}{}  {rate:.0} tok/s", last_val.map_or(String::new(), |v| format!("  val {v:.4}"))));
+        bar.set_position(state.step);
+        if at_end || (c.save_every > 0 && state.step % c.save_every == 0) {
+            log.flush()?;
+            save(out, ckpt, &net, &opt, &state, run)?;
+            last_saved = state.step;
+        }
+    }
+    bar.finish_and_clear();
+    log.flush()?;
+    let logged = read_log(out)?;
+    let train_curve = plots::Curve { label: "training".into(), points: logged.iter().map(|&(s, l, _)| (s as f64, l)).collect() };
+    let val_curve = plots::Curve { label: "validation".into(), points: logged.iter().filter_map(|&(s, _, v)| Some((s as f64, v?))).collect() };
+    let curves: Vec<plots::Curve> = [train_curve, val_curve].into_iter().filter(|c| !c.points.is_empty()).collect();
+    plots::loss_curves(&curves, &[], &format!("{}: training loss", model_label(&run.model)), out, "loss")?;
+    eprintln!(
+        "trained {} steps ({} tokens) in {:.1} s: loss {last_loss:.4}{}",
+        state.step,
+        state.tokens,
+        state.elapsed_s,
+        last_val.map_or(String::new(), |v| format!(", validation loss {v:.4}"))
+    );
+    Ok(Summary { steps: state.step, tokens: state.tokens, final_loss: last_loss, val_loss: last_val, elapsed_s: state.elapsed_s, model: out.join("model") })
+}
+
+/// Mean next-token loss over the validation windows, in batches.
+fn validation_loss(net: &Transformer, windows: &Tensor, batch: usize) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let (mut sum, mut n) = (0.0, 0usize);
+    for part in windows.split(batch as i64, 0) {
+        let rows = part.size()[0] as usize;
+        sum += net.loss(&part)?.double_value(&[]) * rows as f64;
+        n += rows;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// The log, cut back to the steps the checkpoint holds (a killed run may have logged steps past it).
+fn open_log(out: &Path, step: u64) -> Result<std::fs::File> {
+    let path = out.join(LOG);
+    let kept: Vec<String> = match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .lines()
+            .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+            .map(|l| format!("{l}\n"))
+            .collect(),
+        Err(_) => vec![],
+    };
+    let tmp = out.join(format!(".{LOG}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, kept.concat())?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(std::fs::OpenOptions::new().append(true).open(&path)?)
+}
+
+/// `(step, loss, val_loss)` of every logged step.
+pub fn read_log(out: &Path) -> Result<Vec<(u64, f64, Option<f64>)>> {
+    let text = std::fs::read_to_string(out.join(LOG)).with_context(|| format!("reading {}", out.join(LOG).display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()?, v["val_loss"].as_f64())))
+        .collect())
+}
+
+/// Weights, optimizer and trainer state, replaced as one folder: a kill leaves the old or the new.
+fn save(out: &Path, ckpt: &Checkpoint, net: &Transformer, opt: &AdamW, state: &TrainerState, run: &Run) -> Result<()> {
+    let staging = Staging::new(&out.join(CHECKPOINT), true)?;
+    let record = json!({
+        "produced_by": format!("scalpel {} train", env!("CARGO_PKG_VERSION")),
+        "trained_from": run.model,
+        "init": run.config.init,
+        "step": state.step,
+        "tokens": state.tokens,
+    });
+    let mut config = ckpt.config.clone();
+    config["torch_dtype"] = json!("float32");
+    let folder = Folder { config: &config, companions_from: Some(&run.model), extra_files: vec![], record: &record };
+    write_model(&staging.tmp.join("model"), false, folder, net.params.out_tensors(safetensors::Dtype::F32), DEFAULT_SHARD_BYTES)?;
+    opt.save(&staging.tmp.join("optimizer.safetensors"))?;
+    std::fs::write(staging.tmp.join("trainer.json"), serde_json::to_string_pretty(state)? + "\n")?;
+    staging.commit()?;
+    let link = out.join("model");
+    if link.symlink_metadata().is_err() {
+        std::os::unix::fs::symlink(Path::new(CHECKPOINT).join("model"), &link)?;
+    }
+    Ok(())
+}
+
+fn record(run: &Run, data: &Dataset) -> Result<Value> {
+    let mut inputs = serde_json::Map::new();
+    for path in data.files.iter().chain([&run.model.join("config.json")]) {
+        inputs.insert(std::path::absolute(path)?.display().to_string(), Value::from(crate::pipeline::sha256(path)?));
+    }
+    Ok(json!({
+        "produced_by": format!("scalpel {}", env!("CARGO_PKG_VERSION")),
+        "libtorch": scalpel_sdk::LIBTORCH_VERSION,
+        "command": std::env::args().collect::<Vec<_>>(),
+        "run": run,
+        "data": data.source,
+        "inputs_sha256": inputs,
+    }))
+}
+
+fn model_label(dir: &Path) -> String {
+    dir.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
+}
