@@ -1,0 +1,168 @@
+//! `scalpel train`: the loss curve equals a plain PyTorch loop's (golden files from
+//! tests/golden/make_train_golden.py), a run survives `kill -9` and resumes onto the same curve,
+//! a NaN stops it with its last checkpoint intact, and the checkpoint reloads with the same loss.
+
+use crate::{repo, run, scalpel, tiny, Run};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// `scalpel` on one thread: these models are tiny, and test binaries run side by side on few cores,
+/// where libtorch's spinning worker threads would only slow each other down.
+fn scalpel1() -> Command {
+    let mut cmd = scalpel();
+    cmd.env("OMP_NUM_THREADS", "1");
+    cmd
+}
+
+fn golden(name: &str) -> (PathBuf, Value) {
+    let dir = repo().join("tests/data/train");
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}-losses.json"))).unwrap()).unwrap();
+    (dir.join(format!("{name}-batches.safetensors")), expected)
+}
+
+/// `scalpel train` with the golden run's settings (`steps`, or the golden count; and `extra` flags)
+/// on the tiny model `name`, into `out`.
+fn train_cmd(name: &str, out: &Path, steps: Option<u64>, extra: &[&str]) -> Command {
+    let (batches, expected) = golden(name);
+    let s = &expected["settings"];
+    let mut cmd = scalpel1();
+    cmd.arg("train").arg(tiny(name)).arg("--data").arg(batches).arg("-o").arg(out);
+    cmd.args(["--shuffle", "false", "--schedule", "constant", "--warmup", "0"]);
+    cmd.arg("--steps").arg(steps.map_or(s["steps"].to_string(), |n| n.to_string()));
+    for key in ["batch", "seq", "lr", "clip"] {
+        if !extra.contains(&format!("--{key}").as_str()) {
+            cmd.arg(format!("--{key}")).arg(s[key].to_string());
+        }
+    }
+    cmd.arg("--weight-decay").arg(s["weight_decay"].to_string());
+    cmd.args(extra);
+    cmd
+}
+
+/// Starts `cmd`, waits until the run at `out` has logged `lines` steps, and kills it with SIGKILL.
+fn kill_after(mut cmd: Command, out: &Path, lines: usize) {
+    let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline && std::fs::read_to_string(out.join("log.jsonl")).map_or(0, |l| l.lines().count()) < lines {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `(step, loss, grad_norm, val_loss)` of each line of a run's log.
+fn log(out: &Path) -> Vec<(u64, f64, f64, Option<f64>)> {
+    std::fs::read_to_string(out.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap(), v["val_loss"].as_f64())
+        })
+        .collect()
+}
+
+#[test]
+fn the_loss_curve_equals_pytorchs_for_the_same_model_batches_and_adamw() {
+    for name in ["tiny-llama", "tiny-gpt2"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        run(&mut train_cmd(name, &out, None, &[])).success();
+        let (_, expected) = golden(name);
+        let want: Vec<f64> = expected["loss"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let norms: Vec<f64> = expected["grad_norm"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let got = log(&out);
+        assert_eq!(got.len(), want.len(), "{name}: one log line per step");
+        for (i, ((step, loss, norm, _), (w, n))) in got.iter().zip(want.iter().zip(&norms)).enumerate() {
+            assert_eq!(*step, i as u64 + 1);
+            assert!((loss - w).abs() < 1e-3, "{name} step {step}: loss {loss} vs PyTorch {w}");
+            assert!((norm - n).abs() < 1e-3 * n.max(1.0), "{name} step {step}: gradient norm {norm} vs PyTorch {n}");
+        }
+        assert!(got.last().unwrap().1 < got[0].1 - 0.5, "{name}: the loss falls on learnable data");
+        for file in ["train.json", "record.json", "loss.png", "loss.svg", "loss.csv", "checkpoint/trainer.json", "checkpoint/optimizer.safetensors", "model/config.json"] {
+            assert!(out.join(file).exists(), "{name}: {file} is written");
+        }
+    }
+}
+
+#[test]
+fn a_killed_run_resumes_onto_the_uninterrupted_curve() {
+    const STEPS: u64 = 150;
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole");
+    run(&mut train_cmd("tiny-llama", &whole, Some(STEPS), &["--save-every", "7"])).success();
+    let expected = log(&whole);
+
+    // Killed before its first checkpoint, then twice while resuming, then resumed to the end.
+    let cut = dir.path().join("cut");
+    kill_after(train_cmd("tiny-llama", &cut, Some(STEPS), &["--save-every", "7"]), &cut, 3);
+    for lines in [40, 100] {
+        let mut resume = scalpel1();
+        resume.arg("train").arg("--resume").arg(&cut);
+        kill_after(resume, &cut, lines);
+        assert!(log(&cut).len() < STEPS as usize, "killed before the end");
+    }
+    run(scalpel1().arg("train").arg("--resume").arg(&cut)).success();
+    let resumed = log(&cut);
+    assert_eq!(resumed.len(), expected.len(), "one line per step after resuming, none twice");
+    for (a, b) in resumed.iter().zip(&expected) {
+        assert_eq!(a.0, b.0);
+        assert!((a.1 - b.1).abs() < 1e-6, "step {}: resumed loss {} vs uninterrupted {}", a.0, a.1, b.1);
+    }
+    let hidden: Vec<_> = std::fs::read_dir(&cut).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+    assert!(hidden.is_empty(), "nothing hidden left behind: {hidden:?}");
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let failed: Run = run(&mut train_cmd("tiny-llama", &out, None, &["--lr", "1e30", "--clip", "0", "--save-every", "1"])).failure();
+    assert!(failed.stderr.contains("training stopped") && failed.stderr.contains("checkpoint"), "{}", failed.stderr);
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/trainer.json")).unwrap()).unwrap();
+    let step = state["step"].as_u64().unwrap();
+    assert!(step >= 1, "a checkpoint of a step with a finite loss is kept");
+    // The kept checkpoint is a model scalpel opens.
+    run(scalpel().arg("inspect").arg(out.join("model"))).success();
+}
+
+#[test]
+fn the_checkpoint_reloads_with_the_loss_the_trainer_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let (batches, _) = golden("tiny-llama");
+    run(&mut train_cmd("tiny-llama", &out, Some(6), &["--val"]).arg(&batches).args(["--eval-windows", "8"])).success();
+    let last = *log(&out).last().unwrap();
+    let val = last.3.expect("a validation loss at the end");
+    let eval = run(scalpel1().args(["eval", "--json", "--windows", "8", "--tokens", "32", "--data"]).arg(&batches).arg(out.join("model"))).success();
+    let v: Value = serde_json::from_str(&eval.stdout).unwrap();
+    let nll = v["mean_nll"].as_f64().unwrap();
+    assert!((nll - val).abs() < 1e-5, "eval of the checkpoint gives {nll}, the trainer reported {val}");
+}
+
+#[test]
+fn training_from_a_fresh_initialisation_starts_near_uniform() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    run(&mut train_cmd("tiny-gpt2", &out, Some(3), &["--init", "random"])).success();
+    let first = log(&out)[0].1;
+    let uniform = (101f64).ln();
+    assert!((first - uniform).abs() < 0.1, "a fresh N(0, 0.02) model predicts nearly uniformly: {first} vs ln(101) = {uniform}");
+}
+
+#[test]
+fn train_has_an_equivalent_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let printed = run(&mut train_cmd("tiny-llama", &out, Some(2), &["--print-recipe"])).success().stdout;
+    assert!(printed.contains("[step.train]") || printed.contains("train ="), "{printed}");
+    let recipe = dir.path().join("train.toml");
+    std::fs::write(&recipe, &printed).unwrap();
+    run(scalpel1().arg("run").arg(&recipe)).success();
+    assert_eq!(log(&out).len(), 2);
+}
