@@ -22,8 +22,7 @@ impl Analyzer for BlockInfluence {
             let output = hidden(model, layer + 1)?;
             // [sequences, T]: one cosine per token; a zero vector counts as orthogonal to everything.
             let cos = Tensor::f_cosine_similarity(&input, &output, -1, 1e-12)?.f_clamp(-1.0, 1.0)?;
-            let per_sequence: Vec<f64> = Vec::try_from(cos.f_mean_dim(1, false, Kind::Double)?.f_to_device(Device::Cpu)?)?;
-            let per_sequence: Vec<f64> = per_sequence.iter().map(|c| 1.0 - c).collect();
+            let per_sequence: Vec<f64> = values(&cos.f_mean_dim(1, false, Kind::Double)?)?.iter().map(|c| 1.0 - c).collect();
             bi.push(mean(&per_sequence));
             spread.push(std(&per_sequence));
             input = output;
@@ -102,9 +101,9 @@ impl Analyzer for AngularDistance {
         let cos = unit.f_bmm(&unit.f_transpose(1, 2)?)?.f_clamp(-1.0, 1.0)?;
         let angle = cos.f_arccos()?.f_div_scalar(std::f64::consts::PI)?;
         let pairs: Vec<Vec<f64>> = Vec::try_from(angle.f_mean_dim(0, false, Kind::Double)?.f_to_device(Device::Cpu)?)?;
-        let one_block_spread: Vec<f64> = (0..layers)
-            .map(|l| Ok(std(&Vec::<f64>::try_from(angle.f_select(1, l as i64)?.f_select(1, l as i64 + 1)?.f_to_device(Device::Cpu)?)?)))
-            .collect::<Result<_>>()?;
+        // d(l, 1) per window: the diagonal above the main one.
+        let one_block: Vec<Vec<f64>> = Vec::try_from(angle.f_diagonal(1, 1, 2)?.f_to_device(Device::Cpu)?)?;
+        let one_block_spread: Vec<f64> = (0..layers).map(|l| std(&one_block.iter().map(|w| w[l]).collect::<Vec<_>>())).collect();
         let table = AngularTable::from_pairs(&pairs);
         let best: Vec<String> = table.best.iter().map(|b| format!("n={}: {}..{} ({:.4})", b.n, b.start, b.start + b.n, b.distance)).collect();
         Ok(Report {
@@ -149,6 +148,11 @@ fn hidden(model: &Model, layer: usize) -> Result<Tensor> {
         "the hidden states entering layer {layer} should be [sequences, tokens, d_model], got {size:?}"
     );
     Ok(h.f_to_kind(Kind::Double)?)
+}
+
+/// A 1-D tensor's values on the CPU.
+fn values(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(Vec::try_from(t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?)?)
 }
 
 /// Layers from the lowest value up, as `layer:value`.
