@@ -20,7 +20,11 @@ fn lists_both_builtin_sets_and_no_example() {
     for expected in ["attn-rank", "cutoff", "block-influence", "angular-distance", "drop-layers", "prune-block"] {
         assert!(names.contains(&expected.to_string()), "{expected} missing from {names:?}");
     }
-    assert!(!names.contains(&"weight-norms".to_string()), "the example plugin loads only when asked for: {names:?}");
+    assert!(
+        !names.contains(&"weight-norms".to_string()),
+        "the example plugin loads only when asked for (a libscalpel_plugin_hello.so left by an older build? \
+         `cargo xtask build` removes it): {names:?}"
+    );
     assert!(out.stderr.is_empty(), "a clean search path warns about nothing: {}", out.stderr);
 }
 
