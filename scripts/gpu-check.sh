@@ -4,7 +4,7 @@
 #   there: scripts/gpu-check.sh [LOG_DIR]
 # It points the binaries at that machine's torch/lib, then:
 #   1. scalpel --version               CUDA backend loaded, GPU visible
-#   2. a plugin on Cuda(0) tensors     hello's weight-norms on tiny-llama, device printed by the plugin
+#   2. a plugin on Cuda(0) tensors     block-influence on tiny-llama, device printed by the plugin
 #   3. forward pass CUDA vs CPU        max |diff| of logits and attention, four tiny models
 #   4. analyzers on CUDA vs CPU        attn-rank/attn-mass reports identical on tiny-llama
 #   5. metric kernel timing            k* and m* of 72,000 100x100 matrices on the GPU (target: under 1 s)
@@ -22,8 +22,8 @@ row() { ROWS+=("$(printf '%-34s %-6s %s' "$1" "$2" "$3")"); }
 $S --version > "$LOG/version.txt" 2>&1
 grep -q "cuda: available" "$LOG/version.txt" && row "CUDA backend" ok "$(grep cuda: "$LOG/version.txt")" || row "CUDA backend" FAIL "$(tail -1 "$LOG/version.txt")"
 
-$S --device cuda analyze -a weight-norms tests/data/tiny-llama > "$LOG/plugin.txt" 2>&1
-grep -q "Cuda(0)" "$LOG/plugin.txt" && row "plugin on Cuda(0) tensors" ok "$(grep 'computed on' "$LOG/plugin.txt")" || row "plugin on Cuda(0) tensors" FAIL "see plugin.txt"
+$S --device cuda analyze -a block-influence tests/data/tiny-llama --calib tests/data/depth-pruning/tiny-llama.ids.safetensors > "$LOG/plugin.txt" 2>&1
+grep -q "Cuda(0)" "$LOG/plugin.txt" && row "plugin on Cuda(0) tensors" ok "$(grep -o 'float64 on Cuda(0)' "$LOG/plugin.txt")" || row "plugin on Cuda(0) tensors" FAIL "see plugin.txt"
 
 for m in tiny-gpt2 tiny-llama tiny-llama-tied tiny-qwen2; do
   $S --device cuda device-check "tests/data/$m" > "$LOG/device-check-$m.txt" 2>&1 \

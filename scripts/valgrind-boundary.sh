@@ -15,5 +15,5 @@ data = b"".join(struct.pack("<q", (i * 7 + i // cols * 3) % vocab) for i in rang
 open(sys.argv[1], "wb").write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + data)
 PY
 valgrind --tool=memcheck --error-exitcode=3 --errors-for-leak-kinds=none \
-  target/release/scalpel analyze -a weight-norms -a attn-rank -a attn-mass -a attn-entropy \
+  target/release/scalpel --plugins target/release/libscalpel_example_hello.so analyze -a weight-norms -a attn-rank -a attn-mass -a attn-entropy -a block-influence -a angular-distance \
   tests/data/tiny-llama --calib "$ids" 2>&1 >/dev/null | grep -E "ERROR SUMMARY|Invalid|uninitialised" | sort | uniq -c

@@ -15,8 +15,9 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "scalpel", about = "Model surgery on decoder-only language models", long_version = long_version())]
 pub struct Cli {
-    /// Also load plugins from this folder (repeatable; after the built-in set and SCALPEL_PLUGIN_PATH).
-    #[arg(long = "plugins", value_name = "DIR", global = true)]
+    /// Also load plugins from this folder, or this library whatever its name, e.g. an example
+    /// (repeatable; after the built-in set and SCALPEL_PLUGIN_PATH).
+    #[arg(long = "plugins", value_name = "DIR|FILE", global = true)]
     plugin_dirs: Vec<PathBuf>,
     /// Where to compute: cpu, cuda or cuda:N [default: cpu, or the recipe's].
     #[arg(long, global = true)]

@@ -2,8 +2,10 @@
 //!
 //! A plugin is a file `libscalpel_plugin_<name>.so`. The search path is, in order: the folder of the
 //! `scalpel` binary and its `plugins/` subfolder (the built-in set), every folder of
-//! `SCALPEL_PLUGIN_PATH` (colon-separated), then every `--plugins DIR`. A library that fails to
-//! load is reported with the reason and the fix, and the others load anyway.
+//! `SCALPEL_PLUGIN_PATH` (colon-separated), then every `--plugins DIR`. A library named explicitly
+//! (`--plugins FILE`) loads whatever its file name: example plugins are named `libscalpel_example_*`
+//! so that they stay off the default path. A library that fails to load is reported with the reason
+//! and the fix, and the others load anyway.
 
 use anyhow::{anyhow, bail, Context, Result};
 use scalpel_sdk::abi::{self, ItemManifest, LibraryError, Manifest, PluginRef};
@@ -57,15 +59,8 @@ impl Registry {
         let mut reg = Registry::default();
         let mut seen = Vec::new();
         for dir in dirs {
-            let Ok(entries) = std::fs::read_dir(dir) else { continue };
-            let mut files: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    let name = p.file_name().unwrap_or_default().to_string_lossy();
-                    name.starts_with(FILE_PREFIX) && name.ends_with(".so")
-                })
-                .collect();
-            files.sort();
+            // A library named explicitly (`--plugins FILE`) loads whatever its name: that is how examples load.
+            let files = if dir.is_file() { vec![dir.clone()] } else { plugin_files(dir) };
             for path in files {
                 let canonical = path.canonicalize().unwrap_or_else(|_| path.clone());
                 if seen.contains(&canonical) {
@@ -141,6 +136,20 @@ impl ItemRef<'_> {
             .with_context(|| format!("{} `{}` (plugin {}) failed", self.item.kind, self.item.name, self.plugin.manifest.plugin))?;
         serde_json::from_str(&out).with_context(|| format!("`{}` returned malformed JSON", self.item.name))
     }
+}
+
+/// The `libscalpel_plugin_*.so` files of a folder, sorted; none when it cannot be read.
+fn plugin_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with(FILE_PREFIX) && name.ends_with(".so")
+        })
+        .collect();
+    files.sort();
+    files
 }
 
 /// Loads one plugin library and checks that it was built for this host.

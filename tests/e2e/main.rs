@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `scalpel` binary, the real plugin libraries, real files.
 //! Run `cargo xtask test` (it builds the binary and every plugin before the tests).
 
+mod depth_pruning;
 mod models;
 mod plugins;
 mod smollm2;
@@ -65,6 +66,13 @@ pub fn plugin_dir(fixtures: &[(&str, &str)]) -> tempfile::TempDir {
         std::fs::copy(&from, dir.path().join(format!("libscalpel_plugin_{as_name}.so"))).unwrap();
     }
     dir
+}
+
+/// The example plugin (examples/hello-plugin), which loads only when named: `--plugins FILE`.
+pub fn example_plugin() -> PathBuf {
+    let path = build_dir().join("libscalpel_example_hello.so");
+    assert!(path.exists(), "the example plugin {} is not built", path.display());
+    path
 }
 
 /// A tiny checkpoint made by transformers (tests/golden/make_golden.py).

@@ -1,6 +1,6 @@
 //! Looking at models, analyzing them, and what bad input gets.
 
-use crate::{run, scalpel, tiny, token_ids_npy};
+use crate::{example_plugin, run, scalpel, tiny, token_ids_npy};
 use std::path::{Path, PathBuf};
 
 /// `scalpel analyze -a attn-rank` of a tiny model over a few windows, written to `dir/analysis`.
@@ -93,7 +93,7 @@ fn cutoff_reads_the_reports_of_an_earlier_analysis() {
 fn attention_analyzers_need_calibration_data_weight_analyzers_do_not() {
     let out = run(scalpel().args(["analyze", "-a", "attn-rank"]).arg(tiny("tiny-llama"))).failure();
     assert!(out.stderr.contains("--calib"), "{}", out.stderr);
-    let out = run(scalpel().args(["analyze", "-a", "weight-norms"]).arg(tiny("tiny-llama"))).success();
+    let out = run(scalpel().arg("--plugins").arg(example_plugin()).args(["analyze", "-a", "weight-norms"]).arg(tiny("tiny-llama"))).success();
     assert!(out.stdout.contains("weight_norm"), "{}", out.stdout);
 }
 

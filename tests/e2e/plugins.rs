@@ -1,25 +1,47 @@
-//! Loading plugins: the built-in set, the example plugin, and one broken fixture per load error.
+//! Loading plugins: the built-in sets, the example plugin, and one broken fixture per load error.
 
-use crate::{plugin_dir, run, scalpel};
+use crate::{example_plugin, plugin_dir, run, scalpel};
 
 fn item_names(json: &str) -> Vec<String> {
     let items: serde_json::Value = serde_json::from_str(json).expect("`plugins --json` prints JSON");
     items.as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_string()).collect()
 }
 
+/// The warning for an item exported by two libraries names the item and both files.
+fn assert_clash(stderr: &str, item: &str, files: [&str; 2]) {
+    let ok = stderr.contains(&format!("item `{item}` is exported by both")) && files.iter().all(|f| stderr.contains(f));
+    assert!(ok, "expected a clash on `{item}` between {files:?}:\n{stderr}");
+}
+
 #[test]
-fn lists_the_builtin_set_and_the_example_plugin() {
+fn lists_both_builtin_sets_and_no_example() {
     let out = run(scalpel().args(["plugins", "--json"])).success();
     let names = item_names(&out.stdout);
-    for expected in ["weight-norms", "drop-layers"] {
+    for expected in ["attn-rank", "cutoff", "block-influence", "angular-distance", "drop-layers", "prune-block"] {
         assert!(names.contains(&expected.to_string()), "{expected} missing from {names:?}");
     }
+    assert!(
+        !names.contains(&"weight-norms".to_string()),
+        "the example plugin loads only when asked for (a libscalpel_plugin_hello.so left by an older build? \
+         `cargo xtask build` removes it): {names:?}"
+    );
     assert!(out.stderr.is_empty(), "a clean search path warns about nothing: {}", out.stderr);
 }
 
 #[test]
+fn the_example_loads_when_named_and_its_drop_layers_clashes_with_the_builtin_one() {
+    let out = run(scalpel().arg("--plugins").arg(example_plugin()).args(["plugins", "--json"])).success();
+    let names = item_names(&out.stdout);
+    assert!(names.contains(&"weight-norms".to_string()), "{names:?}");
+    assert!(!names.contains(&"drop-layers".to_string()), "an ambiguous name is served by neither: {names:?}");
+    assert_clash(&out.stderr, "drop-layers", ["libscalpel_plugin_depth_pruning.so", "libscalpel_example_hello.so"]);
+    let out = run(scalpel().arg("--plugins").arg(example_plugin()).args(["describe", "drop-layers"])).failure();
+    assert!(out.stderr.contains("depth_pruning.so") && out.stderr.contains("example_hello.so") && out.stderr.contains("remove one"), "{}", out.stderr);
+}
+
+#[test]
 fn describe_shows_fields_types_defaults_and_docs() {
-    let out = run(scalpel().args(["describe", "weight-norms"])).success();
+    let out = run(scalpel().arg("--plugins").arg(example_plugin()).args(["describe", "weight-norms"])).success();
     assert!(out.stdout.contains("Sum of the Frobenius norms"), "{}", out.stdout);
     let row = out.stdout.lines().find(|l| l.starts_with("per_element")).expect("a row for per_element");
     assert!(row.contains("boolean") && row.contains("false") && row.contains("square root"), "{row}");
@@ -28,7 +50,7 @@ fn describe_shows_fields_types_defaults_and_docs() {
 #[test]
 fn describe_of_an_unknown_item_lists_the_known_ones() {
     let out = run(scalpel().args(["describe", "no-such-thing"])).failure();
-    assert!(out.stderr.contains("no item called `no-such-thing`") && out.stderr.contains("weight-norms"), "{}", out.stderr);
+    assert!(out.stderr.contains("no item called `no-such-thing`") && out.stderr.contains("block-influence"), "{}", out.stderr);
 }
 
 #[test]
@@ -56,7 +78,7 @@ fn refused_with(fixtures: &[(&str, &str)], message: &[&str]) {
         assert!(out.stderr.contains(m), "expected `{m}` in:\n{}", out.stderr);
     }
     let names = item_names(&out.stdout);
-    assert!(names.contains(&"weight-norms".to_string()), "good plugins must still be listed: {names:?}");
+    assert!(names.contains(&"attn-rank".to_string()), "good plugins must still be listed: {names:?}");
 }
 
 #[test]
@@ -78,13 +100,7 @@ fn a_plugin_built_for_another_libtorch() {
 fn two_plugins_exporting_the_same_item() {
     let dir = plugin_dir(&[("twin", "twin_a"), ("twin", "twin_b")]);
     let out = run(scalpel().arg("--plugins").arg(dir.path()).args(["plugins", "--json"])).success();
-    assert!(
-        out.stderr.contains("item `fixture-twin` is exported by both")
-            && out.stderr.contains("libscalpel_plugin_twin_a.so")
-            && out.stderr.contains("libscalpel_plugin_twin_b.so"),
-        "{}",
-        out.stderr
-    );
+    assert_clash(&out.stderr, "fixture-twin", ["libscalpel_plugin_twin_a.so", "libscalpel_plugin_twin_b.so"]);
     // Using the ambiguous name is an error that names both files.
     let out = run(scalpel().arg("--plugins").arg(dir.path()).args(["describe", "fixture-twin"])).failure();
     assert!(out.stderr.contains("twin_a.so") && out.stderr.contains("twin_b.so"), "{}", out.stderr);

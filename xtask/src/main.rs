@@ -7,7 +7,7 @@
 //! - `demo`   build, fetch a real model and text, and run scalpel's main job on them.
 //! - `bench`  build, then time scalpel's analysis of SmolLM2 against the paper-style Python reference
 //!            in the same run; appends a row to BENCHMARKS.md.
-//! - `dist`   build, then pack the host and plugins (never libtorch) into `dist/` for a GPU machine.
+//! - `dist`   build, then pack the host and the built-in plugin sets (never libtorch or examples) into `dist/`.
 //!
 //! Downloads go through pip and npm, the registries this project may reach; every file is
 //! checked against a pinned sha256 before use.
@@ -83,7 +83,33 @@ fn setup(repo: &Path) -> Result<PathBuf> {
 
 fn build(repo: &Path) -> Result<()> {
     setup(repo)?;
-    cargo(repo, &["build", "--release", "--workspace", "--exclude", "xtask"])
+    cargo(repo, &["build", "--release", "--workspace", "--exclude", "xtask"])?;
+    // A plugin library no built-in set makes any more (e.g. the example before it was renamed off the
+    // plugin path) would still load beside the binary and clash: remove it.
+    let builtin = builtin_plugins(repo)?;
+    for entry in std::fs::read_dir(repo.join("target/release"))? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if name.starts_with("libscalpel_plugin_") && name.ends_with(".so") && !builtin.contains(&name) {
+            std::fs::remove_file(&path).with_context(|| format!("removing the stale plugin {}", path.display()))?;
+            println!("removed {} (no built-in plugin set makes it now)", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// The file names of the built-in plugin sets, one per folder of `plugins/` (examples are not among them).
+fn builtin_plugins(repo: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(repo.join("plugins"))? {
+        let path = entry?.path();
+        if path.join("Cargo.toml").exists() {
+            let dir = path.file_name().unwrap_or_default().to_string_lossy().replace('-', "_");
+            names.push(format!("libscalpel_plugin_{dir}.so"));
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 fn test(repo: &Path, extra: &[String]) -> Result<()> {
@@ -231,12 +257,9 @@ fn dist(repo: &Path) -> Result<()> {
     for bin in ["scalpel", "bench-metrics"] {
         std::fs::copy(release.join(bin), tmp.join(bin))?;
     }
-    for entry in std::fs::read_dir(&release)? {
-        let path = entry?.path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with("libscalpel_plugin_") && name.ends_with(".so") {
-            std::fs::copy(&path, tmp.join("plugins").join(&name))?;
-        }
+    // The built-in sets only: examples load when asked for and never ship.
+    for name in builtin_plugins(repo)? {
+        std::fs::copy(release.join(&name), tmp.join("plugins").join(&name)).with_context(|| format!("packing {name}"))?;
     }
     let _ = std::fs::remove_dir_all(&out);
     std::fs::rename(&tmp, &out)?;

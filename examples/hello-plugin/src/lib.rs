@@ -1,5 +1,6 @@
 //! A complete third-party scalpel plugin: one analyzer and one strategy. Copy this folder to start yours.
-//! Build with `cargo build --release`; scalpel finds `libscalpel_plugin_hello.so` with `--plugins DIR`.
+//! Build with `cargo build --release`, then load it with `scalpel --plugins target/release/libscalpel_example_hello.so`
+//! (an example stays off the default plugin path; see Cargo.toml for naming yours).
 
 use scalpel_sdk::prelude::*;
 
