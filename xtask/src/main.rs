@@ -7,6 +7,8 @@
 //! - `demo`   build, fetch a real model and text, and run scalpel's main job on them.
 //! - `bench`  build, then time scalpel's analysis of SmolLM2 against the paper-style Python reference
 //!            in the same run; appends a row to BENCHMARKS.md.
+//! - `bench-train` build, then time `scalpel train` (f32 and bf16) and `scalpel eval` against PyTorch eager
+//!            on SmolLM2 in the same run; appends rows to BENCHMARKS.md.
 //! - `dist`   build, then pack the host and the built-in plugin sets (never libtorch or examples) into `dist/`.
 //!
 //! Downloads go through pip and npm, the registries this project may reach; every file is
@@ -44,12 +46,16 @@ fn run() -> Result<()> {
             build(&repo)?;
             bench(&repo)
         }
+        "bench-train" => {
+            build(&repo)?;
+            bench_train(&repo)
+        }
         "dist" => {
             build(&repo)?;
             dist(&repo)
         }
         _ => {
-            println!("usage: cargo xtask <setup|build|test|demo|bench|dist> [args]\n");
+            println!("usage: cargo xtask <setup|build|test|demo|bench|bench-train|dist> [args]\n");
             println!("{}", include_str!("main.rs").lines().take(11).skip(2).map(|l| l.trim_start_matches("//! ")).collect::<Vec<_>>().join("\n"));
             Ok(())
         }
@@ -203,6 +209,85 @@ fn bench(repo: &Path) -> Result<()> {
     println!("{row}");
     if !agree {
         bail!("scalpel and the reference disagree on MaxRank/AvgMass: see {}", out.display());
+    }
+    Ok(())
+}
+
+/// `scalpel train` against a PyTorch eager loop (SDPA, fused AdamW) on SmolLM2 cut to 15 layers, batch 8 × 100
+/// tokens, the same windows in the same order, f32 and bf16 autocast; and `scalpel eval` against transformers
+/// on 8 windows of 512 tokens of the full model. Same machine, same run, same threads; ratios go to BENCHMARKS.md.
+fn bench_train(repo: &Path) -> Result<()> {
+    const STEPS: usize = 12;
+    let model = smollm2_folder(repo)?;
+    let out = repo.join("runs/bench-train");
+    let scalpel = |args: &[&str]| -> Result<String> {
+        let mut cmd = Command::new(repo.join("target/release/scalpel"));
+        cmd.args(args);
+        output(cmd)
+    };
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let cut = out.join("smollm2-cut15");
+    if !cut.exists() {
+        scalpel(&["apply", &path(&model), "-s", "cutoff", "--set", "keep=15", "-o", &path(&cut)])?;
+    }
+    let data = out.join("brown");
+    if !data.exists() {
+        scalpel(&["data", "fetch", "brown"])?;
+        scalpel(&["data", "tokenize", "brown", "--tokenizer", &path(&model), "-o", &path(&data)])?;
+    }
+    let mut setup = Command::new("bash");
+    setup.arg(repo.join("tests/golden/setup_env.sh"));
+    status(setup)?;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).to_string();
+    let python = |args: &[&str]| -> Result<serde_json::Value> {
+        let mut cmd = Command::new(python_env());
+        cmd.arg(repo.join("scripts/bench_train.py")).args(args).args(["--threads", &threads]);
+        json_line(&output(cmd)?)
+    };
+    let machine = machine();
+    let mut rows = Vec::new();
+    for precision in ["f32", "bf16"] {
+        let run = out.join(format!("train-{precision}"));
+        let steps = STEPS.to_string();
+        scalpel(&[
+            "train", &path(&cut), "--data", &path(&data), "-o", &path(&run), "--force", "--shuffle", "false", "--steps", &steps,
+            "--batch", "8", "--seq", "100", "--schedule", "constant", "--warmup", "0", "--dtype", precision,
+        ])?;
+        let log: Vec<serde_json::Value> =
+            std::fs::read_to_string(run.join("log.jsonl"))?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        // The same steps as the peer times: all but the first two.
+        let at = |i: usize, key: &str| log[i][key].as_f64().unwrap_or(0.0);
+        let ours = (at(STEPS - 1, "tokens") - at(1, "tokens")) / (at(STEPS - 1, "elapsed_s") - at(1, "elapsed_s"));
+        let (cut_s, bin_s) = (path(&cut), path(&data.join("train.bin")));
+        let mut args = vec!["train", cut_s.as_str(), bin_s.as_str(), "--batch", "8", "--seq", "100", "--steps", steps.as_str()];
+        if precision == "bf16" {
+            args.push("--bf16");
+        }
+        let peer = python(&args)?;
+        let theirs = peer["tokens_per_s"].as_f64().unwrap_or(0.0);
+        let worst = peer["loss"].as_array().into_iter().flatten().zip(&log).map(|(p, s)| (p.as_f64().unwrap_or(0.0) - s["loss"].as_f64().unwrap_or(0.0)).abs()).fold(0.0, f64::max);
+        rows.push(format!(
+            "| {} | {machine} | train, SmolLM2 cut to 15 layers, 8 × 100 tokens, {precision} | {ours:.0} tok/s | {theirs:.0} tok/s | **{:.2}x** | {worst:.1e} |",
+            today(),
+            ours / theirs
+        ));
+    }
+    let started = std::time::Instant::now();
+    let nll = json_value(&scalpel(&["eval", "--json", "--tokens", "512", "--windows", "8", "--data", &path(&data), &path(&model)])?)?;
+    let ours = started.elapsed().as_secs_f64();
+    let peer = python(&["eval", &path(&model), &path(&data.join("val.bin")), "--seq", "512", "--windows", "8"])?;
+    let theirs = peer["wall_s"].as_f64().unwrap_or(0.0);
+    let diff = (nll["mean_nll"].as_f64().unwrap_or(0.0) - peer["mean_nll"].as_f64().unwrap_or(0.0)).abs();
+    rows.push(format!("| {} | {machine} | eval, SmolLM2, 8 × 512 tokens, f32 (wall, with load) | {ours:.1} s | {theirs:.1} s | **{:.2}x** | {diff:.1e} |", today(), theirs / ours));
+    let file = repo.join("BENCHMARKS.md");
+    let text = std::fs::read_to_string(&file).context("BENCHMARKS.md is missing")?;
+    let marker = "<!-- train rows -->";
+    if !text.contains(marker) {
+        bail!("BENCHMARKS.md has no `{marker}` line under its training table");
+    }
+    std::fs::write(&file, text.replace(marker, &format!("{}\n{marker}", rows.join("\n"))))?;
+    for r in &rows {
+        println!("{r}");
     }
     Ok(())
 }
