@@ -165,6 +165,63 @@ enum Command {
         #[command(flatten)]
         config: TrainConfig,
     },
+    /// The Inheritune loop: profile the reference, inherit its first l blocks, train, compare, grow, train again.
+    Inheritune {
+        /// The full model whose blocks are inherited (an HF folder).
+        #[arg(long, required_unless_present = "resume")]
+        reference: Option<PathBuf>,
+        /// Training data (with a validation split, or give --val).
+        #[arg(long, required_unless_present = "resume")]
+        data: Option<PathBuf>,
+        /// Validation data (default: the data's own validation split).
+        #[arg(long)]
+        val: Option<PathBuf>,
+        /// The run folder: one folder per round, inheritune.json, summary.md, rounds.png.
+        #[arg(short, long, required_unless_present = "resume")]
+        output: Option<PathBuf>,
+        /// Continue the run in this folder at the round and step it reached.
+        #[arg(long, value_name = "RUN", conflicts_with_all = ["reference", "data", "output", "val"])]
+        resume: Option<PathBuf>,
+        /// First round's depth: auto (the analyzers' profile and the paper's rule), half (L/2), or a number.
+        #[arg(long, default_value = "half")]
+        start: crate::inheritune::StartAt,
+        /// Blocks added per round.
+        #[arg(long, default_value_t = 2)]
+        grow: usize,
+        /// At most this many rounds.
+        #[arg(long, default_value_t = 3)]
+        max_rounds: usize,
+        /// restart: each round inherits l + Δ blocks of the reference afresh; warm: grow the trained model.
+        #[arg(long, value_enum, default_value = "restart")]
+        growth: crate::inheritune::Growth,
+        /// Stop when the validation loss reaches the reference's (`ref`) or this value.
+        #[arg(long, default_value = "ref")]
+        target: crate::inheritune::Target,
+        /// Calibration text or [N, T] ids for --start auto (default: 100 windows of 100 validation tokens).
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// The strategy that inherits blocks (it gets `keep`).
+        #[arg(long, default_value = "cutoff")]
+        cut: String,
+        /// A setting of the cut strategy, KEY=VALUE (repeatable).
+        #[arg(long = "cut-set", value_name = "KEY=VALUE")]
+        cut_sets: Vec<String>,
+        /// The strategy that grows a trained model (--growth warm): stack (its top Δ blocks repeated), duplicate, or any.
+        #[arg(long, default_value = "stack")]
+        grow_with: String,
+        /// A setting of the grow strategy, KEY=VALUE (repeatable).
+        #[arg(long = "grow-set", value_name = "KEY=VALUE")]
+        grow_sets: Vec<String>,
+        /// Replace the run folder if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Print the equivalent recipe instead of running.
+        #[arg(long)]
+        print_recipe: bool,
+        /// Training of each round (--steps is steps per round).
+        #[command(flatten)]
+        train: TrainConfig,
+    },
     /// Run a recipe file: steps in order, later steps reading earlier reports.
     Run {
         /// A recipe file (TOML), e.g. examples/recipes/inheritune.toml.
@@ -175,6 +232,9 @@ enum Command {
         /// Use this calibration file instead of the recipe's.
         #[arg(long)]
         calib: Option<PathBuf>,
+        /// Use this training data instead of the recipe's.
+        #[arg(long)]
+        data: Option<PathBuf>,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -249,6 +309,7 @@ pub enum Task {
     /// Print a recipe instead of running it.
     PrintRecipe(Recipe),
     Resume(PathBuf),
+    InherituneResume(PathBuf),
 }
 
 fn long_version() -> String {
@@ -305,9 +366,29 @@ pub fn parse() -> Result<Job> {
             let out = OutputArgs { output: None, dry_run: false, force };
             recipe_task(recipe, print_recipe, opts(&out, vec![]))
         }
-        Command::Run { recipe: path, model, calib, out } => {
+        Command::Inheritune { resume: Some(run), .. } => Task::InherituneResume(run),
+        Command::Inheritune { reference, data, val, output, resume: None, start, grow, max_rounds, growth, target, calib, cut, cut_sets, grow_with, grow_sets, force, print_recipe, train } => {
+            let method = crate::inheritune::Loop {
+                start,
+                grow,
+                max_rounds,
+                growth,
+                target,
+                cut,
+                cut_config: settings_table(&cut_sets)?,
+                grow_with,
+                grow_config: settings_table(&grow_sets)?,
+            };
+            let calibration = calib.map(|file| Calibration { file, sequences: 100, tokens: 100, seed: 0, bos: false });
+            let step = Step { analyzer: None, strategy: None, train: Some(train), config: serde_json::json!({}) };
+            let recipe = Recipe { model: reference, data, val, output, calibration, device: cli.device.clone(), inheritune: Some(method), steps: vec![step], ..Recipe::default() };
+            let out = OutputArgs { output: None, dry_run: false, force };
+            recipe_task(recipe, print_recipe, opts(&out, vec![]))
+        }
+        Command::Run { recipe: path, model, calib, data, out } => {
             let mut recipe = Recipe::load(&path)?;
             recipe.model = model.or(recipe.model);
+            recipe.data = data.or(recipe.data);
             recipe.output = out.output.clone().or(recipe.output);
             if let Some(file) = calib {
                 let c = recipe.calibration.get_or_insert(Calibration { file: file.clone(), sequences: 100, tokens: 100, seed: 0, bos: false });
@@ -348,6 +429,16 @@ fn steps(names: &[String], strategies: bool, sets: &[String]) -> Result<Vec<Step
         target.config[key] = parse_value(value);
     }
     Ok(steps)
+}
+
+/// `KEY=VALUE` settings as one JSON table.
+fn settings_table(sets: &[String]) -> Result<Value> {
+    let mut table = serde_json::json!({});
+    for set in sets {
+        let (key, value) = set.split_once('=').with_context(|| format!("{set}: expected KEY=VALUE"))?;
+        table[key] = parse_value(value);
+    }
+    Ok(table)
 }
 
 /// A value as TOML reads it (numbers, booleans, arrays, quoted strings); anything else is a plain string.

@@ -8,6 +8,7 @@ mod cuda;
 mod data;
 mod gguf;
 mod import;
+mod inheritune;
 mod inspect;
 mod model;
 mod pipeline;
@@ -60,6 +61,11 @@ fn run(job: Job) -> Result<()> {
             print!("{}", recipe.to_toml()?);
             Ok(())
         }
+        Task::Recipe { recipe, opts } if recipe.inheritune.is_some() => {
+            let settings = inheritune::Settings::from_recipe(&recipe)?;
+            let state = inheritune::run(settings, &registry(), opts.force, &|line| eprintln!("{line}"))?;
+            present::inheritune(&state, job.json)
+        }
         Task::Recipe { recipe, opts } => {
             let registry = registry();
             let finished = pipeline::run(&recipe, &registry, &opts, &|line| eprintln!("{line}"))?;
@@ -72,6 +78,10 @@ fn run(job: Job) -> Result<()> {
                 None => (0, "", serde_json::Value::Null),
             };
             present::finished(&finished, layers, key, &config, job.json, opts.dry_run)
+        }
+        Task::InherituneResume(run) => {
+            let state = inheritune::resume(&run, &registry(), &|line| eprintln!("{line}"))?;
+            present::inheritune(&state, job.json)
         }
         Task::Resume(run) => {
             let summary = train::resume(&run, device()?)?;

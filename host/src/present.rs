@@ -62,6 +62,16 @@ pub fn finished(f: &Finished, ckpt_layers: usize, layers_key: &str, input_config
     Ok(())
 }
 
+/// The rounds of an Inheritune run and why it stopped.
+pub fn inheritune(state: &crate::inheritune::State, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(state)?);
+        return Ok(());
+    }
+    println!("\n{}", crate::inheritune::summary_table(state));
+    written(&state.settings.output)
+}
+
 /// The files of an output folder, one line per stem: `profile.{csv,png,svg}`.
 pub fn written(dest: &Path) -> Result<()> {
     println!("\nwritten to {}:", dest.display());

@@ -28,6 +28,9 @@ pub struct Recipe {
     pub data: Option<PathBuf>,
     /// Validation data for a `train` step (default: the data's own validation split).
     pub val: Option<PathBuf>,
+    /// Run the Inheritune loop (`model` is the reference; the `train` step trains each round).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inheritune: Option<crate::inheritune::Loop>,
     #[serde(rename = "step", default)]
     pub steps: Vec<Step>,
 }

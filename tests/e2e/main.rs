@@ -4,6 +4,7 @@
 mod depth_pruning;
 mod models;
 mod plugins;
+mod inheritune;
 mod smollm2;
 mod surgery;
 mod train;

@@ -279,7 +279,10 @@ fn train(run: &Run, out: &Path, ckpt: &Checkpoint, mut net: Transformer, mut opt
     bar.set_position(state.step);
     let started = Instant::now();
     let (elapsed_before, first_step) = (state.elapsed_s, state.step);
-    let (mut last_loss, mut last_val) = (f64::NAN, None);
+    // A resumed run reports what its log holds so far, even when no step is left to take.
+    let logged = read_log(out).unwrap_or_default();
+    let mut last_loss = logged.last().map_or(f64::NAN, |l| l.1);
+    let mut last_val = logged.iter().rev().find_map(|l| l.2);
     let mut last_saved = state.step;
     while state.step < c.steps {
         let step = state.step;
@@ -353,7 +356,7 @@ fn train(run: &Run, out: &Path, ckpt: &Checkpoint, mut net: Transformer, mut opt
 }
 
 /// Mean next-token loss over the validation windows, in batches.
-fn validation_loss(net: &Transformer, windows: &Tensor, batch: usize) -> Result<f64> {
+pub fn validation_loss(net: &Transformer, windows: &Tensor, batch: usize) -> Result<f64> {
     let _guard = tch::no_grad_guard();
     let (mut sum, mut n) = (0.0, 0usize);
     for part in windows.split(batch as i64, 0) {
