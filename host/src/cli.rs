@@ -151,7 +151,7 @@ enum Command {
         #[arg(long)]
         val: Option<PathBuf>,
         /// The run folder: checkpoints, log, loss curve.
-        #[arg(short, long, required_unless_present = "resume")]
+        #[arg(short, long, required_unless_present_any = ["resume", "export"])]
         output: Option<PathBuf>,
         /// Continue the run in this folder from its last checkpoint, with its settings.
         #[arg(long, value_name = "RUN", conflicts_with_all = ["model", "data", "output", "val"])]
@@ -162,6 +162,9 @@ enum Command {
         /// Print the equivalent recipe instead of running.
         #[arg(long)]
         print_recipe: bool,
+        /// Write the run as a torchrun + FSDP2 job into this folder instead of training (for several GPUs or nodes).
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["print_recipe", "output"])]
+        export: Option<PathBuf>,
         #[command(flatten)]
         config: TrainConfig,
     },
@@ -347,6 +350,8 @@ pub enum Task {
     PrintRecipe(Recipe),
     Resume(PathBuf),
     Data(crate::data::Request),
+    /// `train --export`: the run as a torchrun job.
+    Export { run: crate::train::Run, dir: PathBuf, force: bool },
     InherituneResume(PathBuf),
 }
 
@@ -405,7 +410,12 @@ pub fn parse() -> Result<Job> {
             recipe_task(recipe, common.print_recipe, opts(&common.out, vec![]))
         }
         Command::Train { resume: Some(run), .. } => Task::Resume(run),
-        Command::Train { model, data, val, output, resume: None, force, print_recipe, config } => {
+        Command::Train { model: Some(model), data: Some(data), val, export: Some(dir), force, config, .. } => {
+            let abs = |p: PathBuf| std::path::absolute(&p);
+            let run = crate::train::Run { model: abs(model)?, data: abs(data)?, val: val.map(abs).transpose()?, output: abs(dir.clone())?, config };
+            Task::Export { run, dir, force }
+        }
+        Command::Train { model, data, val, output, resume: None, force, print_recipe, config, .. } => {
             let step = Step { analyzer: None, strategy: None, train: Some(config), config: serde_json::json!({}) };
             let recipe = Recipe { model, output, device: cli.device.clone(), data, val, steps: vec![step], ..Recipe::default() };
             let out = OutputArgs { output: None, dry_run: false, force };

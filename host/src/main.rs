@@ -84,6 +84,11 @@ fn run(job: Job) -> Result<()> {
             present::inheritune(&state, job.json)
         }
         Task::Data(request) => data::run(request, job.json),
+        Task::Export { run, dir, force } => {
+            let dest = train::export(&run, &dir, force)?;
+            println!("wrote the torchrun job to {}: run {}/launch.sh (its README says how)", dest.display(), dest.display());
+            Ok(())
+        }
         Task::Resume(run) => {
             let summary = train::resume(&run, device()?)?;
             let finished = pipeline::Finished { outcome: pipeline::Outcome::empty(), written: Some(run), trained: Some(summary) };

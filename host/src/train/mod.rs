@@ -14,6 +14,9 @@
 //! interrupted one would have: its loss curve is the uninterrupted one.
 
 mod adamw;
+mod export;
+
+pub use export::export;
 
 use crate::data::Dataset;
 use crate::model::checkpoint::Checkpoint;
