@@ -3,6 +3,7 @@
 
 mod models;
 mod plugins;
+mod qwen25;
 mod smollm2;
 mod surgery;
 
