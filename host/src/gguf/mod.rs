@@ -501,7 +501,8 @@ impl GgufFile {
                 .map(|(ty, n)| format!("{ty} ({n} tensor{})", if *n == 1 { "" } else { "s" }))
                 .collect();
             problems.push(format!(
-                "tensor types that cannot be dequantised: {} (supported: {})",
+                "tensor types that cannot be dequantised: {} (supported: {}; llama.cpp's \
+                 `llama-quantize --allow-requantize` can turn the file into one of those)",
                 counts.join(", "),
                 supported_type_names()
             ));
@@ -1481,6 +1482,12 @@ mod tests {
         let msg = format!("{}", f.hf_config().unwrap_err());
         assert!(msg.contains("unsupported architecture 'mamba'"), "{msg}");
         assert!(f.hf_tensors().next().unwrap().is_err());
+        // Architecture and types are refused together.
+        let mut b = Builder::model("llama").tensor("blk.0.x.weight", &[1], 99, vec![0; 4]);
+        b.kv[0].1 = MetaValue::Str("mamba".into());
+        let file = TempFile::new("arch-and-types", &b.bytes());
+        let msg = format!("{}", file.open().unwrap().check_importable().unwrap_err());
+        assert!(msg.contains("unsupported architecture 'mamba'") && msg.contains("type 99 (1 tensor)"), "{msg}");
 
         let mut b = Builder::model("llama");
         b.kv.retain(|(k, _)| k != "llama.context_length");
