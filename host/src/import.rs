@@ -12,6 +12,8 @@ use tch::Tensor;
 
 pub fn import(path: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<()> {
     let file = GgufFile::open(path)?;
+    // Every reason to refuse, in one message, before anything is converted or written.
+    file.check_importable()?;
     let mut config = file.hf_config()?;
     config["torch_dtype"] = json!(torch_dtype_name(dtype));
     let (tokenizer, tokenizer_config, warnings) = file.hf_tokenizer()?;

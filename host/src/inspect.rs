@@ -45,7 +45,8 @@ pub fn inspect(ckpt: &Checkpoint, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// A GGUF file before import: version, architecture, tensor types, parameters and metadata keys.
+/// A GGUF file before import: version, architecture, tensor types, parameters and metadata keys,
+/// and whether `scalpel import` would take it (if not, every reason why).
 pub fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
     let file = crate::gguf::GgufFile::open(path)?;
     let mut types = std::collections::BTreeMap::new();
@@ -53,24 +54,35 @@ pub fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
         *types.entry(t.type_name()).or_insert(0usize) += 1;
     }
     let parameters: usize = file.tensors().iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    let problems = file.import_problems();
     let facts = json!({
         "file": path,
         "gguf_version": file.version(),
-        "architecture": file.architecture()?,
+        "architecture": file.architecture().ok(),
         "name": file.metadata().get("general.name").and_then(|v| v.as_str()),
         "tensors": file.tensors().len(),
         "tensor_types": types,
         "parameters": parameters,
         "metadata_keys": file.metadata().len(),
+        "importable": problems.is_empty(),
+        "import_problems": problems,
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&facts)?);
-    } else {
-        for (k, v) in facts.as_object().unwrap() {
+        return Ok(());
+    }
+    for (k, v) in facts.as_object().unwrap() {
+        if !matches!(k.as_str(), "importable" | "import_problems") {
             println!("{k:<16} {}", v.as_str().map_or(v.to_string(), String::from));
         }
-        println!("
-convert it with `scalpel import {} OUT_DIR`", path.display());
+    }
+    if problems.is_empty() {
+        println!("\nconvert it with `scalpel import {} OUT_DIR`", path.display());
+    } else {
+        println!("\n`scalpel import` would refuse this file:");
+        for p in &problems {
+            println!("  - {p}");
+        }
     }
     Ok(())
 }

@@ -3,9 +3,10 @@
 
 mod data;
 mod depth_pruning;
+mod inheritune;
 mod models;
 mod plugins;
-mod inheritune;
+mod qwen25;
 mod smollm2;
 mod surgery;
 mod train;

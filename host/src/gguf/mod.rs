@@ -20,6 +20,11 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use memmap2::Mmap;
 use serde_json::{json, Map, Value};
 
+mod grids;
+mod quants;
+
+use quants::{lookup_type, supported_type_names, tensor_size, GGML_TYPES};
+
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// ggml tensors have at most 4 dimensions.
@@ -463,7 +468,70 @@ impl GgufFile {
         Ok((hf_name, info.shape.clone(), data))
     }
 
+    /// Everything that would make `import` refuse this file, all at once and without
+    /// dequantising anything: an architecture it cannot map, tensor types it cannot dequantise
+    /// (each with its count), tensors with no Hugging Face name. Empty when the file imports.
+    pub fn import_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let arch_ok = match self.metadata.get("general.architecture").map(MetaValue::as_str) {
+            None => {
+                problems.push("no general.architecture key".to_string());
+                false
+            }
+            Some(None) => {
+                problems.push("general.architecture is not a string".to_string());
+                false
+            }
+            Some(Some(name)) if !ARCHS.iter().any(|a| a.gguf == name) => {
+                let known: Vec<_> = ARCHS.iter().map(|a| a.gguf).collect();
+                problems.push(format!("unsupported architecture '{name}' (supported: {})", known.join(", ")));
+                false
+            }
+            Some(Some(_)) => true,
+        };
+        let mut unsupported = BTreeMap::<String, usize>::new();
+        for t in &self.tensors {
+            if lookup_type(t.ggml_type).and_then(|ty| ty.kernel).is_none() {
+                *unsupported.entry(t.type_name()).or_default() += 1;
+            }
+        }
+        if !unsupported.is_empty() {
+            let counts: Vec<_> = unsupported
+                .iter()
+                .map(|(ty, n)| format!("{ty} ({n} tensor{})", if *n == 1 { "" } else { "s" }))
+                .collect();
+            problems.push(format!(
+                "tensor types that cannot be dequantised: {} (supported: {}; llama.cpp's \
+                 `llama-quantize --allow-requantize` can turn the file into one of those)",
+                counts.join(", "),
+                supported_type_names()
+            ));
+        }
+        if arch_ok {
+            let unmapped: Vec<_> =
+                self.tensors.iter().filter(|t| hf_tensor_name(&t.name).is_none()).map(|t| t.name.as_str()).collect();
+            if !unmapped.is_empty() {
+                let more = if unmapped.len() > 5 { format!(" and {} more", unmapped.len() - 5) } else { String::new() };
+                problems.push(format!(
+                    "{} tensor{} with no Hugging Face equivalent: {}{more}",
+                    unmapped.len(),
+                    if unmapped.len() == 1 { "" } else { "s" },
+                    unmapped[..unmapped.len().min(5)].join(", ")
+                ));
+            }
+        }
+        problems
+    }
+
+    /// Fails with every reason `import_problems` finds, in one message.
+    pub fn check_importable(&self) -> Result<()> {
+        let problems = self.import_problems();
+        ensure!(problems.is_empty(), "{}: cannot import: {}", self.path.display(), problems.join("; "));
+        Ok(())
+    }
+
     fn tensor_plan(&self) -> Result<TensorPlan> {
+        self.check_importable()?;
         let arch_name = self.architecture()?;
         let arch = self.arch()?;
         let n_head = self.req_usize(&format!("{arch_name}.attention.head_count"))?;
@@ -747,218 +815,6 @@ fn parse(buf: &[u8]) -> Result<(u32, BTreeMap<String, MetaValue>, Vec<TensorInfo
         })
         .collect::<Result<_>>()?;
     Ok((version, metadata, tensors))
-}
-
-// ------------------------------------------------------------------------------------------------
-// ggml types and dequantisation
-
-/// Dequantises a whole tensor: `src` is exactly its bytes, `dst` exactly its element count.
-type Kernel = fn(&[u8], &mut [f32]);
-
-struct GgmlType {
-    id: u32,
-    name: &'static str,
-    /// Elements per block, and bytes per block.
-    block: usize,
-    bytes: usize,
-    kernel: Option<Kernel>,
-}
-
-const fn ty(id: u32, name: &'static str, block: usize, bytes: usize, kernel: Option<Kernel>) -> GgmlType {
-    GgmlType { id, name, block, bytes, kernel }
-}
-
-/// Every type gguf-py 0.19 knows (constants.py `GGML_QUANT_SIZES`), so that unsupported ones are
-/// still size-checked and named in errors. Ids 4 and 5 (Q4_2, Q4_3) were removed from ggml.
-static GGML_TYPES: &[GgmlType] = &[
-    ty(0, "F32", 1, 4, Some(dequant_f32)),
-    ty(1, "F16", 1, 2, Some(dequant_f16)),
-    ty(2, "Q4_0", 32, 18, Some(dequant_q4_0)),
-    ty(3, "Q4_1", 32, 20, Some(dequant_q4_1)),
-    ty(6, "Q5_0", 32, 22, None),
-    ty(7, "Q5_1", 32, 24, None),
-    ty(8, "Q8_0", 32, 34, Some(dequant_q8_0)),
-    ty(9, "Q8_1", 32, 40, None),
-    ty(10, "Q2_K", 256, 84, None),
-    ty(11, "Q3_K", 256, 110, None),
-    ty(12, "Q4_K", 256, 144, Some(dequant_q4_k)),
-    ty(13, "Q5_K", 256, 176, Some(dequant_q5_k)),
-    ty(14, "Q6_K", 256, 210, Some(dequant_q6_k)),
-    ty(15, "Q8_K", 256, 292, None),
-    ty(16, "IQ2_XXS", 256, 66, None),
-    ty(17, "IQ2_XS", 256, 74, None),
-    ty(18, "IQ3_XXS", 256, 98, None),
-    ty(19, "IQ1_S", 256, 50, None),
-    ty(20, "IQ4_NL", 32, 18, None),
-    ty(21, "IQ3_S", 256, 110, None),
-    ty(22, "IQ2_S", 256, 82, None),
-    ty(23, "IQ4_XS", 256, 136, None),
-    ty(24, "I8", 1, 1, None),
-    ty(25, "I16", 1, 2, None),
-    ty(26, "I32", 1, 4, None),
-    ty(27, "I64", 1, 8, None),
-    ty(28, "F64", 1, 8, None),
-    ty(29, "IQ1_M", 256, 56, None),
-    ty(30, "BF16", 1, 2, Some(dequant_bf16)),
-    ty(34, "TQ1_0", 256, 54, None),
-    ty(35, "TQ2_0", 256, 66, None),
-    ty(39, "MXFP4", 32, 17, None),
-    ty(40, "NVFP4", 64, 36, None),
-    ty(41, "Q1_0", 128, 18, None),
-];
-
-fn lookup_type(id: u32) -> Option<&'static GgmlType> {
-    GGML_TYPES.iter().find(|t| t.id == id)
-}
-
-fn supported_type_names() -> String {
-    GGML_TYPES.iter().filter(|t| t.kernel.is_some()).map(|t| t.name).collect::<Vec<_>>().join(", ")
-}
-
-/// (elements, bytes) of a tensor of type `ty` and HF-order `shape`. Blocks run along the
-/// innermost dimension, so it must hold whole blocks.
-fn tensor_size(ty: &GgmlType, shape: &[usize]) -> Result<(usize, usize)> {
-    let numel = shape
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .ok_or_else(|| anyhow!("shape {shape:?} overflows"))?;
-    let row = shape.last().copied().unwrap_or(1);
-    ensure!(
-        row % ty.block == 0,
-        "innermost dimension {row} is not a multiple of the {} block size {}",
-        ty.name,
-        ty.block
-    );
-    let nbytes =
-        (numel / ty.block).checked_mul(ty.bytes).ok_or_else(|| anyhow!("shape {shape:?} overflows"))?;
-    Ok((numel, nbytes))
-}
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
-
-/// Runs `block` over each (B-byte input, N-value output) pair; fixed-size arrays let the
-/// compiler drop the per-element bounds checks.
-fn per_block<const B: usize, const N: usize>(
-    src: &[u8],
-    dst: &mut [f32],
-    block: impl Fn(&[u8; B], &mut [f32; N]),
-) {
-    for (x, y) in src.chunks_exact(B).zip(dst.chunks_exact_mut(N)) {
-        block(x.try_into().expect("B bytes"), y.try_into().expect("N values"));
-    }
-}
-
-fn dequant_f32(src: &[u8], dst: &mut [f32]) {
-    per_block::<4, 1>(src, dst, |x, y| y[0] = f32::from_le_bytes(*x));
-}
-
-fn dequant_f16(src: &[u8], dst: &mut [f32]) {
-    per_block::<2, 1>(src, dst, |x, y| y[0] = half::f16::from_le_bytes(*x).to_f32());
-}
-
-fn dequant_bf16(src: &[u8], dst: &mut [f32]) {
-    per_block::<2, 1>(src, dst, |x, y| y[0] = f32::from_bits((u16::from_le_bytes(*x) as u32) << 16));
-}
-
-/// Q8_0: f16 scale d, then 32 signed bytes q; x = q * d.
-fn dequant_q8_0(src: &[u8], dst: &mut [f32]) {
-    per_block::<34, 32>(src, dst, |x, y| {
-        let d = f16_at(x, 0);
-        for (y, &q) in y.iter_mut().zip(&x[2..]) {
-            *y = (q as i8) as f32 * d;
-        }
-    });
-}
-
-/// Q4_0: f16 scale d, then 16 bytes whose low nibbles are values 0..16 and high nibbles values
-/// 16..32; x = (q - 8) * d.
-fn dequant_q4_0(src: &[u8], dst: &mut [f32]) {
-    per_block::<18, 32>(src, dst, |x, y| {
-        let d = f16_at(x, 0);
-        for (j, &q) in x[2..].iter().enumerate() {
-            y[j] = d * ((q & 0x0f) as i32 - 8) as f32;
-            y[j + 16] = d * ((q >> 4) as i32 - 8) as f32;
-        }
-    });
-}
-
-/// Q4_1: f16 scale d and f16 minimum m, then nibbles laid out as in Q4_0; x = q * d + m.
-fn dequant_q4_1(src: &[u8], dst: &mut [f32]) {
-    per_block::<20, 32>(src, dst, |x, y| {
-        let (d, m) = (f16_at(x, 0), f16_at(x, 2));
-        for (j, &q) in x[4..].iter().enumerate() {
-            y[j] = d * (q & 0x0f) as f32 + m;
-            y[j + 16] = d * (q >> 4) as f32 + m;
-        }
-    });
-}
-
-/// The 6-bit scale and minimum of sub-block `j` (0..8) of a Q4_K/Q5_K super-block, packed in 12
-/// bytes: bytes 0..4 hold scales 0..4 in their low 6 bits, bytes 4..8 the minimums 0..4; scales
-/// and minimums 4..8 take their low 4 bits from bytes 8..12 and their high 2 bits from the top
-/// of bytes 0..4 and 4..8 respectively.
-fn k_scale_min(s: &[u8], j: usize) -> (f32, f32) {
-    let (sc, m) = if j < 4 {
-        (s[j] & 63, s[j + 4] & 63)
-    } else {
-        ((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
-    };
-    (sc as f32, m as f32)
-}
-
-/// Q4_K: 256 values as 8 sub-blocks of 32. f16 d and dmin, 12 bytes of packed 6-bit scales and
-/// minimums, then 128 bytes: each 32-byte chunk c holds sub-block 2c in its low nibbles and 2c+1
-/// in its high nibbles. x = (d * scale) * q - dmin * min.
-fn dequant_q4_k(src: &[u8], dst: &mut [f32]) {
-    per_block::<144, 256>(src, dst, |x, y| {
-        let (d, dmin) = (f16_at(x, 0), f16_at(x, 2));
-        let (scales, qs) = (&x[4..16], &x[16..]);
-        for (j, y) in y.chunks_exact_mut(32).enumerate() {
-            let (sc, m) = k_scale_min(scales, j);
-            let (d, m) = (d * sc, dmin * m);
-            let (chunk, shift) = (&qs[(j / 2) * 32..][..32], 4 * (j % 2));
-            for (y, &q) in y.iter_mut().zip(chunk) {
-                *y = d * ((q >> shift) & 0x0f) as f32 - m;
-            }
-        }
-    });
-}
-
-/// Q5_K: Q4_K plus a fifth bit per value: after the scales come 32 bytes qh, where bit j of
-/// qh[l] is the high bit of value l of sub-block j, then the 128 bytes of nibbles.
-fn dequant_q5_k(src: &[u8], dst: &mut [f32]) {
-    per_block::<176, 256>(src, dst, |x, y| {
-        let (d, dmin) = (f16_at(x, 0), f16_at(x, 2));
-        let (scales, qh, qs) = (&x[4..16], &x[16..48], &x[48..]);
-        for (j, y) in y.chunks_exact_mut(32).enumerate() {
-            let (sc, m) = k_scale_min(scales, j);
-            let (d, m) = (d * sc, dmin * m);
-            let (chunk, shift) = (&qs[(j / 2) * 32..][..32], 4 * (j % 2));
-            for ((y, &q), &h) in y.iter_mut().zip(chunk).zip(qh) {
-                let q = ((q >> shift) & 0x0f) | (((h >> j) & 1) << 4);
-                *y = d * q as f32 - m;
-            }
-        }
-    });
-}
-
-/// Q6_K: 256 values in two halves of 128. 128 bytes ql (low 4 bits), 64 bytes qh (high 2 bits),
-/// 16 signed 8-bit scales (one per 16 values), f16 d last. Within half h, value 32k + l takes its
-/// low bits from ql[64h + 32(k%2) + l] (low nibble for k < 2, high nibble otherwise) and its high
-/// bits from bits 2k..2k+2 of qh[32h + l]. x = (d * scale) * (q - 32).
-fn dequant_q6_k(src: &[u8], dst: &mut [f32]) {
-    per_block::<210, 256>(src, dst, |x, y| {
-        let (ql, qh, scales, d) = (&x[..128], &x[128..192], &x[192..208], f16_at(x, 208));
-        for (i, y) in y.iter_mut().enumerate() {
-            let (h, k, l) = (i / 128, (i % 128) / 32, i % 32);
-            let lo = (ql[64 * h + 32 * (k % 2) + l] >> (4 * (k / 2))) & 0x0f;
-            let hi = (qh[32 * h + l] >> (2 * k)) & 0x03;
-            let q = (lo | (hi << 4)) as i32 - 32;
-            *y = (d * (scales[i / 16] as i8) as f32) * q as f32;
-        }
-    });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1315,15 +1171,22 @@ mod tests {
     fn dequantisation_matches_gguf_py_bit_for_bit() {
         let f = GgufFile::open(&fixture("quants.gguf")).unwrap();
         let refs = read_safetensors(&fixture("quants.ref.safetensors"));
-        let names: Vec<_> = f.tensors().iter().map(|t| t.name.as_str()).collect();
-        assert_eq!(names, ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]);
+        assert_eq!(refs.len(), f.tensors().len());
         for t in f.tensors() {
             let (shape, want) = &refs[&t.name];
             assert_eq!(&t.shape, shape, "{}", t.name);
-            assert_eq!(lookup_type(t.ggml_type).unwrap().name, t.name);
+            // Named `TYPE` (random blocks) or `TYPE.quantized` (gguf-py's quantiser).
+            assert_eq!(lookup_type(t.ggml_type).unwrap().name, t.name.trim_end_matches(".quantized"));
             assert_eq!(t.offset % 64, 0, "{}: alignment 64 applies", t.name);
             assert_bits_eq(&t.name, &f.dequantize(t).unwrap(), want);
         }
+        // Every type with a kernel is covered, and so is every quantiser gguf-py has.
+        let covered: HashSet<_> = f.tensors().iter().map(|t| t.ggml_type).collect();
+        for ty in GGML_TYPES.iter().filter(|t| t.kernel.is_some()) {
+            assert!(covered.contains(&ty.id), "no fixture for {}", ty.name);
+        }
+        let quantized: Vec<_> = f.tensors().iter().filter_map(|t| t.name.strip_suffix(".quantized")).collect();
+        assert_eq!(quantized, ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4"]);
     }
 
     #[test]
@@ -1452,6 +1315,8 @@ mod tests {
         let c = f.hf_config().unwrap();
         assert_eq!(c["tie_word_embeddings"], false);
         assert_eq!(c["rms_norm_eps"], 1e-6);
+        // The file's f32 0.0000009999999974752427 is written as the decimal it was meant to be.
+        assert_eq!(serde_json::to_string(&c["rms_norm_eps"]).unwrap(), "1e-6");
         assert_eq!(c["head_dim"], 4);
         assert_eq!(c["num_key_value_heads"], 1);
         let all: Vec<_> = f.hf_tensors().collect::<Result<_>>().unwrap();
@@ -1579,21 +1444,33 @@ mod tests {
     #[test]
     fn unsupported_and_unknown_types() {
         let bytes = Builder::model("llama")
-            .tensor("blk.0.attn_v.weight", &[256, 1], 17, vec![0; 74])
+            .tensor("blk.0.attn_v.weight", &[1], 24, vec![0; 1])
             .tensor("x", &[1], 99, vec![0; 4])
             .bytes();
         let file = TempFile::new("types", &bytes);
         let f = file.open().unwrap();
-        let iq2 = f.tensors().iter().find(|t| t.name == "blk.0.attn_v.weight").unwrap();
-        let msg = format!("{}", f.dequantize(iq2).unwrap_err());
-        assert!(msg.contains("'blk.0.attn_v.weight'") && msg.contains("IQ2_XS (type 17)"), "{msg}");
+        let i8 = f.tensors().iter().find(|t| t.name == "blk.0.attn_v.weight").unwrap();
+        let msg = format!("{}", f.dequantize(i8).unwrap_err());
+        assert!(msg.contains("'blk.0.attn_v.weight'") && msg.contains("I8 (type 24)"), "{msg}");
         assert!(msg.contains(&file.0.display().to_string()), "{msg}");
         let unknown = f.tensors().iter().find(|t| t.name == "x").unwrap();
         let msg = format!("{}", f.dequantize(unknown).unwrap_err());
         assert!(msg.contains("'x'") && msg.contains("unknown ggml type 99"), "{msg}");
-        // hf_tensors stops at the first tensor it cannot convert and says which.
-        let err = f.hf_tensors().find_map(Result::err).unwrap();
-        assert!(format!("{err}").contains("IQ2_XS"), "{err}");
+        // hf_tensors refuses before converting anything, naming every offending type and count.
+        let mut b = Builder::model("llama");
+        for i in 0..3 {
+            b = b.tensor(&format!("blk.{i}.attn_v.weight"), &[1], 24, vec![0; 1]);
+        }
+        let file = TempFile::new("types2", &b.tensor("x", &[1], 99, vec![0; 4]).tensor("y", &[1], 99, vec![0; 4]).bytes());
+        let f = file.open().unwrap();
+        let mut items = f.hf_tensors();
+        let msg = format!("{}", items.next().unwrap().unwrap_err());
+        assert!(items.next().is_none(), "nothing after the refusal");
+        assert!(msg.contains("cannot import") && msg.contains(&file.0.display().to_string()), "{msg}");
+        assert!(msg.contains("I8 (3 tensors), type 99 (2 tensors)"), "{msg}");
+        assert!(msg.contains("2 tensors with no Hugging Face equivalent: x, y"), "{msg}");
+        assert_eq!(f.import_problems().len(), 2);
+        assert!(GgufFile::open(&fixture("tiny_llama.gguf")).unwrap().import_problems().is_empty());
     }
 
     #[test]
@@ -1605,6 +1482,12 @@ mod tests {
         let msg = format!("{}", f.hf_config().unwrap_err());
         assert!(msg.contains("unsupported architecture 'mamba'"), "{msg}");
         assert!(f.hf_tensors().next().unwrap().is_err());
+        // Architecture and types are refused together.
+        let mut b = Builder::model("llama").tensor("blk.0.x.weight", &[1], 99, vec![0; 4]);
+        b.kv[0].1 = MetaValue::Str("mamba".into());
+        let file = TempFile::new("arch-and-types", &b.bytes());
+        let msg = format!("{}", file.open().unwrap().check_importable().unwrap_err());
+        assert!(msg.contains("unsupported architecture 'mamba'") && msg.contains("type 99 (1 tensor)"), "{msg}");
 
         let mut b = Builder::model("llama");
         b.kv.retain(|(k, _)| k != "llama.context_length");
