@@ -18,6 +18,8 @@ pub enum Replace {
     Never,
     /// Only a folder holding this marker file (an earlier output of the same tool) is replaced.
     FolderWith(&'static str),
+    /// Whatever is there: for a tool's own cache entries, never for user paths.
+    Always,
 }
 
 /// A temporary folder that becomes `dest` on [`StagedDir::commit`], and disappears if dropped before.
@@ -84,6 +86,22 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
     tmp.persist(path).map_err(|e| e.error).with_context(|| format!("renaming to {}", path.display()))?;
     sync_dir(&parent)
+}
+
+/// A scratch folder beside `dest` (hidden, removed when dropped), for work whose result is then
+/// moved to `dest` with [`place_file`].
+pub fn work_dir(dest: &Path) -> Result<tempfile::TempDir> {
+    let (parent, name) = split(dest)?;
+    fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    clear_stale(&parent, &name);
+    tempfile::Builder::new().prefix(&tmp_prefix(&name)).tempdir_in(&parent).with_context(|| format!("creating a temporary folder in {}", parent.display()))
+}
+
+/// Moves a finished file to `dest` on the same filesystem, flushed first: `dest` is whole or absent.
+pub fn place_file(src: &Path, dest: &Path) -> Result<()> {
+    File::open(src).and_then(|f| f.sync_all()).with_context(|| format!("flushing {}", src.display()))?;
+    fs::rename(src, dest).with_context(|| format!("moving {} to {}", src.display(), dest.display()))?;
+    sync_dir(&split(dest)?.0)
 }
 
 /// Opens `path` for reading only if it is a regular file (symlinks to one are fine). Opening is
@@ -153,6 +171,7 @@ fn check_replaceable(dest: &Path, replace: Replace) -> Result<()> {
             }
             Ok(())
         }
+        Replace::Always => Ok(()),
     }
 }
 

