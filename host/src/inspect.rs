@@ -119,12 +119,16 @@ fn sample_top_p(logits: &Tensor, p: f64) -> i64 {
 }
 
 pub fn eval(ckpt: &Checkpoint, device: Device, text: &Path, tokens: usize, max_windows: usize, bos: bool, json: bool) -> Result<()> {
+    if tokens < 2 {
+        bail!("--tokens {tokens}: a window needs at least 2 tokens (one to read, one to predict)");
+    }
     let tokenizer = Tokenizer::for_model(&ckpt.dir, &ckpt.arch.family)?;
     let net = Transformer::load(ckpt, device, Kind::Float)?;
     let content = std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     let ids = tokenizer.encode(&content)?;
+    check_vocab(&ids, ckpt.dims.vocab, text)?;
     let body = tokens - usize::from(bos);
-    if tokens < 2 || ids.len() < body {
+    if ids.len() < body {
         bail!("{} has {} tokens: not enough for one window of {tokens}", text.display(), ids.len());
     }
     let mut windows = ids.len() / body;
@@ -132,6 +136,7 @@ pub fn eval(ckpt: &Checkpoint, device: Device, text: &Path, tokens: usize, max_w
         windows = windows.min(max_windows);
     }
     let bos_id = if bos { Some(tokenizer.bos().context("--bos: the tokenizer has no BOS token")?) } else { None };
+    check_vocab(bos_id.as_slice(), ckpt.dims.vocab, Path::new("the BOS token"))?;
     let bar = ProgressBar::new(windows as u64).with_style(ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} windows, {eta} left").unwrap());
     bar.set_message("eval");
     let _guard = tch::no_grad_guard();
@@ -159,6 +164,17 @@ pub fn eval(ckpt: &Checkpoint, device: Device, text: &Path, tokens: usize, max_w
         println!("{}", serde_json::to_string_pretty(&json!({ "windows": windows, "tokens": count, "mean_nll": mean, "perplexity": mean.exp() }))?);
     } else {
         println!("{windows} windows, {count} predicted tokens: mean NLL {mean:.4} nats/token, perplexity {:.2}", mean.exp());
+    }
+    Ok(())
+}
+
+/// Token ids must index the model's embedding: a tokenizer from another model is caught here, by name.
+fn check_vocab(ids: &[i64], vocab: usize, source: &Path) -> Result<()> {
+    if let Some(&bad) = ids.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+        bail!(
+            "{}: the tokenizer gives token id {bad}, but the model's vocabulary is 0..{vocab}: tokenizer and model do not belong together",
+            source.display()
+        );
     }
     Ok(())
 }

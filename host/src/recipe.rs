@@ -5,7 +5,7 @@
 use crate::calib::{Sampling, Windows};
 use crate::model::checkpoint::{parse_dtype, Checkpoint};
 use crate::model::tokenizer::Tokenizer;
-use crate::model::write::{write_model, Folder, Staging, DEFAULT_SHARD_BYTES};
+use crate::model::write::{stage, write_model, Folder, DEFAULT_SHARD_BYTES};
 use crate::plugins::Registry;
 use crate::session::Session;
 use crate::{cuda, plots, surgery};
@@ -96,6 +96,9 @@ impl Recipe {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
         let recipe: Recipe = toml::from_str(&text).with_context(|| format!("{} is not a valid recipe", path.display()))?;
+        if let Some(key) = toml::from_str(&text).ok().and_then(|t| non_finite(&toml::Value::Table(t), "")) {
+            bail!("{}: `{key}` is not a finite number (nan and inf are not settings)", path.display());
+        }
         // Relative paths in a recipe are relative to the recipe's folder.
         let base = path.parent().unwrap_or(Path::new("."));
         let rebase = |p: &mut PathBuf| {
@@ -130,6 +133,20 @@ impl Recipe {
     }
 }
 
+/// The key path of the first nan or inf in a TOML value: JSON, which settings travel as, has no such numbers.
+pub fn non_finite(v: &toml::Value, path: &str) -> Option<String> {
+    let join = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
+    match v {
+        toml::Value::Float(f) if !f.is_finite() => Some(if path.is_empty() { f.to_string() } else { path.to_string() }),
+        toml::Value::Array(a) => a.iter().enumerate().find_map(|(i, x)| non_finite(x, &format!("{path}[{i}]"))),
+        toml::Value::Table(t) => t.iter().find_map(|(k, x)| non_finite(x, &join(k))),
+        _ => None,
+    }
+}
+
+/// What a run folder holds to say scalpel wrote it: `--force` replaces only folders with this file.
+const RUN_RECORD: &str = "record.json";
+
 /// Runs a recipe: analyzers report, strategies plan (each seeing the model the plan so far makes),
 /// then the reports, plots and the new model are written once into the output folder.
 pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options) -> Result<()> {
@@ -156,7 +173,7 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options) -> Result<()> {
         }
     }
     let staging = match (&recipe.output, opts.dry_run) {
-        (Some(out), false) => Some(Staging::new(out, opts.force)?),
+        (Some(out), false) => Some(stage(out, opts.force, RUN_RECORD)?),
         _ => None,
     };
 
@@ -246,7 +263,7 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options) -> Result<()> {
         return Ok(());
     };
 
-    let out = &staging.tmp;
+    let out = staging.path();
     if !reports.0.is_empty() {
         std::fs::write(out.join("reports.json"), serde_json::to_string_pretty(&reports)? + "\n")?;
         write_figures(&reports, &session, cut, &model_name(model_dir), out, &opts.maps)?;
@@ -257,7 +274,7 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options) -> Result<()> {
     }
     let record = record(recipe, registry, &ckpt, session.info(), plan.as_ref())?;
     std::fs::write(out.join("recipe.toml"), recipe.to_toml()?)?;
-    std::fs::write(out.join("record.json"), serde_json::to_string_pretty(&record)? + "\n")?;
+    std::fs::write(out.join(RUN_RECORD), serde_json::to_string_pretty(&record)? + "\n")?;
     if let (Some(p), Some(config)) = (&plan, &resulting) {
         let folder = Folder { config, companions_from: Some(model_dir), extra_files: vec![], record: &record };
         let tensors = surgery::resulting_tensors(&ckpt, p, dtype, 0);
