@@ -12,6 +12,9 @@ use tch::Tensor;
 
 pub fn import(path: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<()> {
     let file = GgufFile::open(path)?;
+    if file.tensors().is_empty() {
+        bail!("{}: the file holds no tensors, so there is no model to import", path.display());
+    }
     let mut config = file.hf_config()?;
     check_gguf(&file, &config).with_context(|| format!("{}: not a usable model", path.display()))?;
     // Both spellings, as hf_config writes them, so they cannot disagree.
@@ -50,9 +53,6 @@ pub fn import(path: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<()> 
 /// What a GGUF must hold before anything is dequantised: counts and sizes a model can have, and
 /// tensors only for layers that exist. The written folder is checked again as the loader checks it.
 fn check_gguf(file: &GgufFile, config: &Value) -> Result<()> {
-    if file.tensors().is_empty() {
-        bail!("the file holds no tensors");
-    }
     for key in ["num_hidden_layers", "hidden_size", "intermediate_size", "max_position_embeddings", "vocab_size"] {
         if config[key].as_u64().is_none_or(|v| v == 0) {
             bail!("its metadata gives {key} = {}: every count and size of a model must be positive", config[key]);
