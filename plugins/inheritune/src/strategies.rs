@@ -83,7 +83,7 @@ impl Strategy for Cutoff {
                 ),
             },
         };
-        ensure!(keep > 0, "cutoff would keep 0 layers ({why}): a model needs at least one");
+        ensure!(c.keep != Some(0), "keep = 0 would leave no layer: a model needs at least one");
         ensure!(keep >= c.min_keep.max(1), "cutoff would keep {keep} layers, fewer than min_keep = {}; {why}", c.min_keep.max(1));
         ensure!(keep <= layers, "cutoff cannot keep {keep} layers of {layers}");
         let mut plan = Plan::ranges(&[0..keep]).note(format!("keep layers 0..{keep} of {layers}: {why}"));
@@ -400,7 +400,7 @@ mod tests {
     #[test]
     fn keeping_zero_layers_says_so() {
         let e = plan("cutoff", 6, r#"{"keep": 0}"#, &Reports::default()).unwrap_err().to_string();
-        assert!(e.contains("keep 0 layers") && e.contains("at least one") && !e.contains("min_keep"), "{e}");
+        assert!(e.contains("keep = 0 would leave no layer") && !e.contains("min_keep"), "{e}");
     }
 
     #[test]
