@@ -564,3 +564,81 @@ fn kill_9_of_import_leaves_no_half_model() {
     };
     kill_test(&KillCase { command: &command, output: &out, inputs: &[file.clone()], valid: &|o: &Path| inspects(o) }, 6);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Memory: surgery streams, so it runs in a memory cgroup far smaller than the model
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A memory cgroup capped at `bytes`, removed on drop: cgroup v2 under this process's own group,
+/// or v1's memory hierarchy. None (with the reason) where cgroups are not writable here.
+struct MemoryCap {
+    dir: PathBuf,
+    /// The file that reports the peak usage.
+    peak: &'static str,
+}
+
+impl MemoryCap {
+    fn new(bytes: u64) -> Result<Self, String> {
+        let name = format!("scalpel-test-{}", std::process::id());
+        let root = Path::new("/sys/fs/cgroup");
+        let (dir, limits, peak): (PathBuf, &[&str], _) = if root.join("cgroup.controllers").exists() {
+            let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+            let path = own.lines().find_map(|l| l.strip_prefix("0::")).ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
+            (root.join(path.trim_start_matches('/')).join(name), &["memory.max", "memory.swap.max"], "memory.peak")
+        } else if root.join("memory").is_dir() {
+            (root.join("memory").join(name), &["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"], "memory.max_usage_in_bytes")
+        } else {
+            return Err("no memory cgroup hierarchy under /sys/fs/cgroup".into());
+        };
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let cap = MemoryCap { dir, peak };
+        // The first limit must hold; the swap limit exists only where swap accounting is on.
+        std::fs::write(cap.dir.join(limits[0]), bytes.to_string()).map_err(|e| format!("cannot set {}: {e}", limits[0]))?;
+        let swap = if limits[1] == "memory.swap.max" { 0 } else { bytes };
+        let _ = std::fs::write(cap.dir.join(limits[1]), swap.to_string());
+        Ok(cap)
+    }
+
+    /// `cmd` run inside the cgroup (a shell moves itself in, then execs the command).
+    fn run(&self, cmd: &Command) -> std::process::Output {
+        let mut line = format!("echo $$ > '{}' && exec", self.dir.join("cgroup.procs").display());
+        for part in std::iter::once(cmd.get_program()).chain(cmd.get_args()) {
+            line.push_str(&format!(" '{}'", part.to_string_lossy()));
+        }
+        Command::new("sh").arg("-c").arg(line).output().unwrap()
+    }
+
+    fn peak_bytes(&self) -> Option<u64> {
+        std::fs::read_to_string(self.dir.join(self.peak)).ok()?.trim().parse().ok()
+    }
+}
+
+impl Drop for MemoryCap {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn surgery_on_a_model_far_bigger_than_a_64_mb_memory_cap_completes() {
+    const CAP: u64 = 64 << 20;
+    let cap = match MemoryCap::new(CAP) {
+        Ok(cap) => cap,
+        Err(why) => {
+            eprintln!("SKIPPED surgery_on_a_model_far_bigger_than_a_64_mb_memory_cap_completes: cgroups are not writable here ({why})");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic_llama(dir.path(), 8, 768, 2048, 2000);
+    let size = std::fs::metadata(model.join("model.safetensors")).unwrap().len();
+    assert!(size > 3 * CAP, "the model ({size} bytes) must dwarf the cap");
+    let out = dir.path().join("grown");
+    let mut cmd = scalpel();
+    cmd.args(["apply", "-s", "duplicate", "--set", "overlap=2"]).arg(&model).arg("-o").arg(&out);
+    let r = cap.run(&cmd);
+    assert!(r.status.success(), "killed or failed under a {CAP}-byte cap: {:?}\n{}", r.status, String::from_utf8_lossy(&r.stderr));
+    eprintln!("peak memory of the capped run: {:?} MB (model {} MB)", cap.peak_bytes().map(|b| b >> 20), size >> 20);
+    assert_eq!(read_json(&out.join("model/config.json"))["num_hidden_layers"], 12);
+    run(scalpel().arg("inspect").arg(out.join("model"))).success();
+}
