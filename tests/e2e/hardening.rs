@@ -460,6 +460,25 @@ fn eval_checks_the_window_size_and_the_vocabulary() {
     assert!(e.contains("token id") && e.contains("vocabulary is 0..101"), "{e}");
 }
 
+#[test]
+fn a_write_error_is_reported_once() {
+    // A file-size limit fails writes the way a full disk does (EFBIG instead of ENOSPC), through the
+    // same error path; SIGXFSZ is ignored so the write returns the error instead of killing the run.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut cmd = scalpel();
+    cmd.args(["apply", "-s", "stack"]).arg(tiny("tiny-llama")).arg("-o").arg(&out);
+    let mut line = String::from("trap '' XFSZ; ulimit -f 64; exec");
+    for part in std::iter::once(cmd.get_program()).chain(cmd.get_args()) {
+        line.push_str(&format!(" '{}'", part.to_string_lossy()));
+    }
+    let r = Command::new("sh").arg("-c").arg(line).output().unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches("File too large").count(), 1, "{stderr}");
+    assert!(!out.exists() && hidden(dir.path()).is_empty(), "{:?}", hidden(dir.path()));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Kills
 // ---------------------------------------------------------------------------------------------------------------

@@ -67,6 +67,16 @@ fn is_companion(name: &str) -> bool {
         || ["merges.txt", "special_tokens_map.json", "added_tokens.json", "generation_config.json"].contains(&name)
 }
 
+fn write_shard(file: &Path, tensors: &[OutTensor], meta: std::collections::HashMap<String, String>) -> Result<()> {
+    safetensors::serialize_to_file(tensors.iter().map(|t| (t.name.clone(), t)), Some(meta), file)
+        .map_err(|e| match e {
+            // Unwrapped: the crate's error both prints and chains the I/O error, so a full disk was said twice.
+            safetensors::SafeTensorError::IoError(io) => anyhow::Error::from(io),
+            other => anyhow::Error::from(other),
+        })
+        .with_context(|| format!("writing {}", file.display()))
+}
+
 /// Writes a complete model folder at `dest`: config, shards (with an index past `shard_bytes`),
 /// companion files and the record. Tensors are consumed one at a time; at most one shard's worth
 /// of computed tensors is held in memory.
@@ -86,13 +96,7 @@ pub fn write_model<'a>(
     let flush = |pending: &mut Vec<OutTensor>, shards: &mut Vec<Vec<String>>| -> Result<()> {
         let file = dir.join(format!("shard-{}.part", shards.len()));
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(pending.iter().map(|t| (t.name.clone(), t)), Some(meta), &file)
-            .map_err(|e| match e {
-                // Unwrapped, so that a full disk is said once, not once per layer of the error chain.
-                safetensors::SafeTensorError::IoError(io) => anyhow::Error::from(io),
-                other => anyhow::Error::from(other),
-            })
-            .with_context(|| format!("writing {}", file.display()))?;
+        write_shard(&file, pending, meta)?;
         // The safetensors crate creates files readable by their owner only; a model folder is for sharing.
         std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
         shards.push(pending.drain(..).map(|t| t.name).collect());
