@@ -96,6 +96,17 @@ fn run_within(cmd: &mut Command, limit: Duration) -> Run {
     Run { ok: out.status.success(), stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into() }
 }
 
+/// `cmd` exec'ed by a shell after `setup` (resource limits, signal dispositions, a cgroup to join).
+fn in_shell(setup: &str, cmd: &Command) -> Command {
+    let mut line = format!("{setup} exec");
+    for part in std::iter::once(cmd.get_program()).chain(cmd.get_args()) {
+        line.push_str(&format!(" '{}'", part.to_string_lossy()));
+    }
+    let mut sh = Command::new("sh");
+    sh.arg("-c").arg(line);
+    sh
+}
+
 /// A failure that is a clean error (exit 1 with a message), never a panic (101) or a signal.
 fn clean_failure(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
@@ -468,11 +479,7 @@ fn a_write_error_is_reported_once() {
     let out = dir.path().join("out");
     let mut cmd = scalpel();
     cmd.args(["apply", "-s", "stack"]).arg(tiny("tiny-llama")).arg("-o").arg(&out);
-    let mut line = String::from("trap '' XFSZ; ulimit -f 64; exec");
-    for part in std::iter::once(cmd.get_program()).chain(cmd.get_args()) {
-        line.push_str(&format!(" '{}'", part.to_string_lossy()));
-    }
-    let r = Command::new("sh").arg("-c").arg(line).output().unwrap();
+    let r = in_shell("trap '' XFSZ; ulimit -f 64;", &cmd).output().unwrap();
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.matches("File too large").count(), 1, "{stderr}");
@@ -620,11 +627,7 @@ impl MemoryCap {
 
     /// `cmd` run inside the cgroup (a shell moves itself in, then execs the command).
     fn run(&self, cmd: &Command) -> std::process::Output {
-        let mut line = format!("echo $$ > '{}' && exec", self.dir.join("cgroup.procs").display());
-        for part in std::iter::once(cmd.get_program()).chain(cmd.get_args()) {
-            line.push_str(&format!(" '{}'", part.to_string_lossy()));
-        }
-        Command::new("sh").arg("-c").arg(line).output().unwrap()
+        in_shell(&format!("echo $$ > '{}' &&", self.dir.join("cgroup.procs").display()), cmd).output().unwrap()
     }
 
     fn peak_bytes(&self) -> Option<u64> {
