@@ -53,9 +53,17 @@ pub fn import(path: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<()> 
 /// What a GGUF must hold before anything is dequantised: counts and sizes a model can have, and
 /// tensors only for layers that exist. The written folder is checked again as the loader checks it.
 fn check_gguf(file: &GgufFile, config: &Value) -> Result<()> {
-    for key in ["num_hidden_layers", "hidden_size", "intermediate_size", "max_position_embeddings", "vocab_size"] {
+    // config.json key, and the GGUF metadata it comes from (after the architecture prefix).
+    let sizes = [
+        ("num_hidden_layers", "block_count"),
+        ("hidden_size", "embedding_length"),
+        ("intermediate_size", "feed_forward_length"),
+        ("max_position_embeddings", "context_length"),
+        ("vocab_size", "vocab_size (or the rows of token_embd.weight)"),
+    ];
+    for (key, gguf) in sizes {
         if config[key].as_u64().is_none_or(|v| v == 0) {
-            bail!("its metadata gives {key} = {}: every count and size of a model must be positive", config[key]);
+            bail!("its {gguf} is {}: every count and size of a model must be positive", config[key]);
         }
     }
     // serde_json stores NaN and infinities as null.

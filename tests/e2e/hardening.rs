@@ -403,8 +403,8 @@ fn a_gguf_that_describes_no_usable_model_is_not_imported() {
         })
     };
     let cases: Vec<(&str, Break, &str)> = vec![
-        ("block_count 0", set("llama.block_count", || Meta::U32(0)), "num_hidden_layers = 0"),
-        ("context_length 0", set("llama.context_length", || Meta::U32(0)), "max_position_embeddings = 0"),
+        ("block_count 0", set("llama.block_count", || Meta::U32(0)), "block_count is 0"),
+        ("context_length 0", set("llama.context_length", || Meta::U32(0)), "context_length is 0"),
         ("NaN eps", set("llama.attention.layer_norm_rms_epsilon", || Meta::F32(f32::NAN)), "not a finite positive number"),
         ("no tensors", Box::new(|_, t| t.clear()), "holds no tensors"),
         ("a layer that does not exist", Box::new(|_, t| t.push(("blk.7.attn_norm.weight".into(), vec![32]))), "belongs to layer 7, but block_count says 2"),

@@ -36,6 +36,9 @@ pub struct ConfigKeys {
     pub intermediate_default: Option<String>,
 }
 
+/// The sizes a shape expression may name, all read off config.json (see `checkpoint::Dims`).
+pub const SIZE_NAMES: [&str; 7] = ["d_model", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "context"];
+
 /// Expected tensor shapes, each dimension a product of config sizes and numbers (`"kv_heads*head_dim"`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,7 +175,7 @@ mod tests {
         for a in all() {
             for dims in a.shapes.global.values().chain(a.shapes.block.values()).chain(a.shapes.block_optional.values()) {
                 for d in dims {
-                    eval_size(d, |s| ["d_model", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "context"].contains(&s).then(|| sizes(s)).flatten())
+                    eval_size(d, |s| SIZE_NAMES.contains(&s).then(|| sizes(s)).flatten())
                         .unwrap_or_else(|e| panic!("{}: {e}", a.family));
                 }
             }

@@ -167,7 +167,7 @@ impl Checkpoint {
             }
             let want = dims.iter().map(|x| arch::eval_size(x, size)).collect::<Result<Vec<usize>>>()?;
             if e.shape != want {
-                let sizes: Vec<String> = ["d_model", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "context"]
+                let sizes: Vec<String> = arch::SIZE_NAMES
                     .iter()
                     .filter(|s| dims.iter().any(|x| x.split('*').any(|f| f.trim() == **s)))
                     .map(|s| format!("{s} = {}", size(s).unwrap()))
