@@ -40,7 +40,7 @@ impl Windows {
         if s.sequences == 0 || s.tokens < 2 {
             bail!("calibration needs at least one window of at least 2 tokens (got N={}, T={})", s.sequences, s.tokens);
         }
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading calibration text {}", path.display()))?;
+        let text = scalpel_files::read_regular_string(path).with_context(|| format!("reading calibration text {}", path.display()))?;
         let ids = tokenizer.encode(&text)?;
         let body = s.tokens - usize::from(s.bos);
         if ids.len() < body + 1 {

@@ -215,6 +215,11 @@ fn a_fifo_named_like_a_model_file_does_not_hang() {
     assert!(Command::new("mkfifo").arg(m.join("model.safetensors")).status().unwrap().success());
     let r = run_within(scalpel().arg("inspect").arg(&m), Duration::from_secs(30)).failure();
     assert!(r.stderr.contains("not a regular file") && r.stderr.contains("FIFO"), "{}", r.stderr);
+    // A FIFO tokenizer.json beside good weights: inspect reports no tokenizer instead of waiting.
+    let m = edited_copy(dir.path(), "tiny-gpt2", |_| {});
+    assert!(Command::new("mkfifo").arg(m.join("tokenizer.json")).status().unwrap().success());
+    let r = run_within(scalpel().arg("inspect").arg(&m), Duration::from_secs(30)).success();
+    assert!(r.stdout.contains("not a regular file"), "{}", r.stdout);
 }
 
 #[test]
