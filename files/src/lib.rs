@@ -207,7 +207,7 @@ fn exchange(tmp: &Path, dest: &Path) -> Result<()> {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
     match renameat_with(CWD, tmp, CWD, dest, RenameFlags::EXCHANGE) {
         Ok(()) => Ok(()),
-        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::NOTSUP => {
+        Err(e) if unsupported(e) => {
             let old = PathBuf::from(format!("{}.old", tmp.display()));
             fs::rename(dest, &old).with_context(|| format!("moving the old {} aside", dest.display()))?;
             if let Err(e) = fs::rename(tmp, dest) {
@@ -220,13 +220,19 @@ fn exchange(tmp: &Path, dest: &Path) -> Result<()> {
     }
 }
 
+/// The filesystem (or kernel) has no renameat2 flags: fall back to plain renames.
+fn unsupported(e: rustix::io::Errno) -> bool {
+    use rustix::io::Errno;
+    e == Errno::INVAL || e == Errno::NOSYS || e == Errno::NOTSUP
+}
+
 /// Renames onto a path that must not exist: what appeared meanwhile is never overwritten.
 fn rename_new(tmp: &Path, dest: &Path) -> Result<()> {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
     match renameat_with(CWD, tmp, CWD, dest, RenameFlags::NOREPLACE) {
         Ok(()) => Ok(()),
         Err(e) if e == rustix::io::Errno::EXIST => bail!("{} appeared while writing: not replacing it", dest.display()),
-        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::NOTSUP => {
+        Err(e) if unsupported(e) => {
             fs::rename(tmp, dest).with_context(|| format!("moving the result to {}", dest.display()))
         }
         Err(e) => Err(std::io::Error::from(e)).with_context(|| format!("moving the result to {}", dest.display())),
@@ -297,6 +303,25 @@ mod tests {
         fs::write(foreign.join("keep"), "mine").unwrap();
         assert!(staged_with(&foreign, Replace::FolderWith(MARK), "x").is_err());
         assert_eq!(fs::read_to_string(foreign.join("keep")).unwrap(), "mine");
+    }
+
+    #[test]
+    fn an_exchange_swaps_both_folders_or_falls_back_to_replacing() {
+        let root = tempfile::tempdir().unwrap();
+        let (new, dest) = (root.path().join("new"), root.path().join("dest"));
+        fs::create_dir(&new).unwrap();
+        fs::write(new.join(MARK), "new").unwrap();
+        fs::create_dir(&dest).unwrap();
+        fs::write(dest.join(MARK), "old").unwrap();
+        exchange(&new, &dest).unwrap();
+        assert_eq!(fs::read_to_string(dest.join(MARK)).unwrap(), "new");
+        // With RENAME_EXCHANGE the old output is kept at the other name, for the caller to remove.
+        if new.exists() {
+            assert_eq!(fs::read_to_string(new.join(MARK)).unwrap(), "old");
+        } else {
+            eprintln!("this filesystem has no RENAME_EXCHANGE: the two-rename fallback ran");
+        }
+        assert!(!root.path().join("new.old").exists());
     }
 
     #[test]
