@@ -40,7 +40,7 @@ impl Windows {
         if s.sequences == 0 || s.tokens < 2 {
             bail!("calibration needs at least one window of at least 2 tokens (got N={}, T={})", s.sequences, s.tokens);
         }
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading calibration text {}", path.display()))?;
+        let text = scalpel_files::read_regular_string(path).with_context(|| format!("reading calibration text {}", path.display()))?;
         let ids = tokenizer.encode(&text)?;
         let body = s.tokens - usize::from(s.bos);
         if ids.len() < body + 1 {
@@ -66,26 +66,221 @@ impl Windows {
     }
 }
 
-/// `[N, T]` token ids from a `.safetensors` (its only tensor, or `input_ids`) or `.npy` file, as int64.
+/// Token ids from a `.npy` or `.safetensors` file: an int64 `[N, T]` tensor with N, T > 0.
+/// Every length is checked against the bytes present before libtorch sees any of them.
 pub fn read_token_ids(path: &Path) -> Result<Tensor> {
     let ids = if path.extension().is_some_and(|e| e == "npy") {
-        Tensor::read_npy(path).with_context(|| format!("reading {}", path.display()))?
+        let bytes = scalpel_files::read_regular(path)?;
+        let (shape, values) = npy::parse(&bytes).with_context(|| format!("{} is not a usable .npy file", path.display()))?;
+        Tensor::from_slice(&values).reshape(shape.iter().map(|&d| d as i64).collect::<Vec<_>>())
     } else {
-        let tensors = Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
-        match tensors.as_slice() {
-            [(_, t)] => t.shallow_clone(),
-            many => many
-                .iter()
-                .find(|(n, _)| n == "input_ids")
-                .map(|(_, t)| t.shallow_clone())
-                .with_context(|| format!("{} holds several tensors and none is called `input_ids`", path.display()))?,
-        }
+        let bytes = scalpel_files::read_regular(path)?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
+        let names = st.names();
+        let name = match names.as_slice() {
+            [one] => one.to_string(),
+            _ if names.iter().any(|n| *n == "input_ids") => "input_ids".to_string(),
+            _ => bail!("{} holds {} tensors and none is called `input_ids`", path.display(), names.len()),
+        };
+        let view = st.tensor(&name)?;
+        let kind = match view.dtype() {
+            safetensors::Dtype::I64 => Kind::Int64,
+            safetensors::Dtype::I32 => Kind::Int,
+            safetensors::Dtype::I16 => Kind::Int16,
+            safetensors::Dtype::U8 => Kind::Uint8,
+            other => bail!("{} must hold an integer tensor of shape [N, T]; `{name}` is {other:?}", path.display()),
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        // The safetensors crate has checked that the data length matches dtype and shape.
+        Tensor::f_from_data_size(view.data(), &shape, kind)?.to_kind(Kind::Int64)
     };
-    if ids.dim() != 2 || !matches!(ids.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Uint8) {
-        bail!("{} must hold an integer tensor of shape [N, T]; it holds {:?} {:?}", path.display(), ids.kind(), ids.size());
+    if ids.dim() != 2 {
+        bail!("{} must hold token ids of shape [N, T]; it holds shape {:?}", path.display(), ids.size());
     }
     if ids.size().iter().any(|&d| d == 0) {
         bail!("{} holds an empty tensor {:?}: calibration needs at least one window of at least one token", path.display(), ids.size());
     }
-    Ok(ids.to_kind(Kind::Int64))
+    Ok(ids)
+}
+
+/// NumPy's `.npy` format (versions 1 to 3), integer arrays only. Parsed here, not by libtorch, so a
+/// short or lying file is an error instead of a crash or a read past the buffer.
+mod npy {
+    use anyhow::{bail, ensure, Context, Result};
+
+    const MAGIC: &[u8] = b"\x93NUMPY";
+
+    /// The shape and the values (as i64) of a little-endian, C-order integer array.
+    pub fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<i64>)> {
+        ensure!(bytes.len() >= 10 && bytes.starts_with(MAGIC), "it does not start with the .npy magic bytes");
+        let (header_len, start) = match bytes[6] {
+            1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
+            2 | 3 => {
+                ensure!(bytes.len() >= 12, "its header is truncated");
+                (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12)
+            }
+            v => bail!("format version {v} is not one NumPy writes (1, 2 or 3)"),
+        };
+        let header = bytes.get(start..start.saturating_add(header_len)).context("its header is truncated")?;
+        let header = std::str::from_utf8(header).context("its header is not text")?;
+        let dict = Dict::parse(header)?;
+        let descr = dict.string("descr")?;
+        ensure!(!dict.boolean("fortran_order")?, "it is stored in Fortran order; save it with numpy.ascontiguousarray");
+        let shape = dict.shape()?;
+        let (order, kind, size) = (&descr[..descr.len().min(1)], &descr[descr.len().min(1)..descr.len().min(2)], &descr[descr.len().min(2)..]);
+        let size: usize = size.parse().ok().with_context(|| format!("unknown dtype `{descr}`"))?;
+        ensure!(
+            matches!(kind, "i" | "u") && matches!(size, 1 | 2 | 4 | 8),
+            "its dtype `{descr}` is not an integer type: token ids are integers (e.g. numpy.int64)"
+        );
+        ensure!(order == "<" || order == "|" || (order == "=" && cfg!(target_endian = "little")), "its dtype `{descr}` is not little-endian");
+        let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).context("its shape overflows")?;
+        let need = numel.checked_mul(size).context("its shape overflows")?;
+        let data = &bytes[start + header_len..];
+        ensure!(
+            data.len() == need,
+            "its header says shape {shape:?} of `{descr}` ({need} bytes), but {} bytes of data follow (truncated or corrupt?)",
+            data.len()
+        );
+        let values = data
+            .chunks_exact(size)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b[..size].copy_from_slice(c);
+                // Sign-extend signed types narrower than 8 bytes.
+                let v = u64::from_le_bytes(b);
+                if kind == "i" && size < 8 {
+                    let shift = 64 - 8 * size as u32;
+                    Ok(((v << shift) as i64) >> shift)
+                } else {
+                    i64::try_from(v).ok().context("a token id does not fit in 64-bit signed integers")
+                }
+            })
+            .collect::<Result<Vec<i64>>>()?;
+        Ok((shape, values))
+    }
+
+    /// The header: a Python dict literal with string keys, e.g.
+    /// `{'descr': '<i8', 'fortran_order': False, 'shape': (3, 4), }`.
+    struct Dict<'a>(Vec<(&'a str, &'a str)>);
+
+    impl<'a> Dict<'a> {
+        fn parse(text: &'a str) -> Result<Self> {
+            let body = text.trim().strip_prefix('{').and_then(|t| t.strip_suffix('}')).context("its header is not a dictionary")?;
+            let mut entries = Vec::new();
+            let mut rest = body.trim_start();
+            while !rest.is_empty() {
+                let quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"').context("a header key is not a string")?;
+                let end = rest[1..].find(quote).context("a header key is not closed")? + 1;
+                let key = &rest[1..end];
+                rest = rest[end + 1..].trim_start().strip_prefix(':').context("a header key has no value")?.trim_start();
+                // A value ends at the first comma outside brackets and quotes.
+                let (mut depth, mut in_str, mut cut) = (0i32, None, rest.len());
+                for (i, c) in rest.char_indices() {
+                    match (c, in_str) {
+                        ('\'' | '"', None) => in_str = Some(c),
+                        (c, Some(q)) if c == q => in_str = None,
+                        (_, Some(_)) => {}
+                        ('(' | '[', None) => depth += 1,
+                        (')' | ']', None) => depth -= 1,
+                        (',', None) if depth == 0 => {
+                            cut = i;
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                entries.push((key, rest[..cut].trim()));
+                rest = rest[cut..].strip_prefix(',').unwrap_or(&rest[cut..]).trim_start();
+            }
+            Ok(Dict(entries))
+        }
+
+        fn get(&self, key: &str) -> Result<&'a str> {
+            self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v).with_context(|| format!("its header has no `{key}`"))
+        }
+
+        fn string(&self, key: &str) -> Result<&'a str> {
+            let v = self.get(key)?;
+            v.strip_prefix(['\'', '"'])
+                .and_then(|v| v.strip_suffix(['\'', '"']))
+                .with_context(|| format!("its header's `{key}` is `{v}`, not a string (structured dtypes are not token ids)"))
+        }
+
+        fn boolean(&self, key: &str) -> Result<bool> {
+            match self.get(key)? {
+                "True" => Ok(true),
+                "False" => Ok(false),
+                v => bail!("its header's `{key}` is `{v}`, not True or False"),
+            }
+        }
+
+        fn shape(&self) -> Result<Vec<usize>> {
+            let v = self.get("shape")?;
+            let inner = v.strip_prefix('(').and_then(|v| v.strip_suffix(')')).with_context(|| format!("its header's shape `{v}` is not a tuple"))?;
+            inner
+                .split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(|d| d.parse::<usize>().ok().with_context(|| format!("its header's shape `{v}` holds `{d}`, not a size")))
+                .collect()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// A version-1 .npy file as NumPy writes it.
+        fn npy(descr: &str, fortran: bool, shape: &str, data: &[u8]) -> Vec<u8> {
+            let mut header = format!("{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}", if fortran { "True" } else { "False" });
+            while (10 + header.len() + 1) % 64 != 0 {
+                header.push(' ');
+            }
+            header.push('\n');
+            let mut out = MAGIC.to_vec();
+            out.extend([1, 0]);
+            out.extend((header.len() as u16).to_le_bytes());
+            out.extend(header.as_bytes());
+            out.extend(data);
+            out
+        }
+
+        fn le<T: Copy, const N: usize>(values: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+            values.iter().flat_map(|&v| f(v)).collect()
+        }
+
+        #[test]
+        fn integer_arrays_of_every_width_read_back() {
+            let (shape, v) = parse(&npy("<i8", false, "(2, 3)", &le(&[0i64, 1, 2, 3, 4, 50_000], i64::to_le_bytes))).unwrap();
+            assert_eq!((shape, v), (vec![2, 3], vec![0, 1, 2, 3, 4, 50_000]));
+            assert_eq!(parse(&npy("<i4", false, "(1, 2)", &le(&[7i32, -1], i32::to_le_bytes))).unwrap().1, vec![7, -1]);
+            assert_eq!(parse(&npy("<u2", false, "(1, 2)", &le(&[65535u16, 3], u16::to_le_bytes))).unwrap().1, vec![65535, 3]);
+            assert_eq!(parse(&npy("|u1", false, "(2, 1)", &[200, 4])).unwrap().1, vec![200, 4]);
+            assert_eq!(parse(&npy("|i1", false, "(1, 1)", &[0xff])).unwrap().1, vec![-1]);
+        }
+
+        #[test]
+        fn short_or_long_data_is_refused_before_reading() {
+            let full = le(&[1i64, 2, 3, 4], i64::to_le_bytes);
+            let e = parse(&npy("<i8", false, "(2, 2)", &full[..31])).unwrap_err().to_string();
+            assert!(e.contains("(32 bytes)") && e.contains("31 bytes of data"), "{e}");
+            // A header that claims a huge shape must not allocate or read anything.
+            let e = parse(&npy("<i8", false, "(1000000000000, 1000000)", &full)).unwrap_err().to_string();
+            assert!(e.contains("overflows") || e.contains("bytes of data"), "{e}");
+            assert!(parse(&npy("<i8", false, "(1, 4)", &[full.clone(), vec![0]].concat())).is_err());
+        }
+
+        #[test]
+        fn unusable_layouts_and_types_are_refused_by_name() {
+            let d = le(&[1i64, 2], i64::to_le_bytes);
+            assert!(parse(&npy("<i8", true, "(1, 2)", &d)).unwrap_err().to_string().contains("Fortran"));
+            assert!(parse(&npy(">i8", false, "(1, 2)", &d)).unwrap_err().to_string().contains("little-endian"));
+            assert!(parse(&npy("<f8", false, "(1, 2)", &d)).unwrap_err().to_string().contains("not an integer"));
+            assert!(parse(&npy("<u8", false, "(1, 1)", &u64::MAX.to_le_bytes())).unwrap_err().to_string().contains("64-bit"));
+            assert!(parse(b"\x93NUMPY\x01\x00\xff\xff{").unwrap_err().to_string().contains("truncated"));
+            assert!(parse(b"PK\x03\x04 not npy").unwrap_err().to_string().contains("magic"));
+        }
+    }
 }

@@ -482,7 +482,7 @@ fn steps(names: &[String], strategies: bool, sets: &[String]) -> Result<Vec<Step
             None if steps.len() == 1 => &mut steps[0],
             None => bail!("--set {set}: several items run; write ITEM.{key}={value}"),
         };
-        target.config[key] = parse_value(value);
+        target.config[key] = parse_value(value).with_context(|| format!("--set {set}"))?;
     }
     Ok(steps)
 }
@@ -492,17 +492,18 @@ fn settings_table(sets: &[String]) -> Result<Value> {
     let mut table = serde_json::json!({});
     for set in sets {
         let (key, value) = set.split_once('=').with_context(|| format!("{set}: expected KEY=VALUE"))?;
-        table[key] = parse_value(value);
+        table[key] = parse_value(value).with_context(|| format!("{set}"))?;
     }
     Ok(table)
 }
 
 /// A value as TOML reads it (numbers, booleans, arrays, quoted strings); anything else is a plain string.
-fn parse_value(text: &str) -> Value {
-    toml::from_str::<toml::Table>(&format!("v = {text}"))
-        .ok()
-        .and_then(|t| serde_json::to_value(&t["v"]).ok())
-        .unwrap_or_else(|| Value::from(text))
+fn parse_value(text: &str) -> Result<Value> {
+    let Ok(t) = toml::from_str::<toml::Table>(&format!("v = {text}")) else { return Ok(Value::from(text)) };
+    if crate::recipe::non_finite(&t["v"], "").is_some() {
+        bail!("`{text}` is not a finite number (nan and inf are not settings)");
+    }
+    Ok(serde_json::to_value(&t["v"]).unwrap_or_else(|_| Value::from(text)))
 }
 
 fn parse_map(s: &str) -> Result<(usize, usize), String> {

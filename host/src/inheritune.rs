@@ -270,13 +270,13 @@ fn start(s: &Settings, force: bool, progress: &dyn Fn(&str)) -> Result<State> {
     let reference_val_loss = train::validation_loss(&net, &windows, s.train.batch)?;
     drop(net);
     progress(&format!("reference: {} layers, validation loss {reference_val_loss:.4}", reference.dims.layers));
-    let staging = crate::model::write::Staging::new(&s.output, force)?;
+    let staging = crate::model::write::stage(&s.output, force, STATE)?;
     let state = State { settings: s.clone(), reference_layers: reference.dims.layers, reference_val_loss, rounds: vec![], stopped: None };
-    std::fs::write(staging.tmp.join(STATE), serde_json::to_string_pretty(&state)? + "\n")?;
+    std::fs::write(staging.path().join(STATE), serde_json::to_string_pretty(&state)? + "\n")?;
     if s.method.start == StartAt::Auto && s.calib.is_none() {
         // The paper's analysis windows: N = 100 windows of T = 100 tokens of validation text.
         let calib = val.windows(100, 100)?;
-        tch::Tensor::write_safetensors(&[("input_ids", &calib)], staging.tmp.join("calibration.safetensors"))?;
+        tch::Tensor::write_safetensors(&[("input_ids", &calib)], staging.path().join("calibration.safetensors"))?;
     }
     staging.commit()?;
     Ok(state)

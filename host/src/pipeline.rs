@@ -11,13 +11,14 @@
 use crate::calib::{Sampling, Windows};
 use crate::model::checkpoint::{parse_dtype, Checkpoint};
 use crate::model::tokenizer::Tokenizer;
-use crate::model::write::{write_model, Folder, Staging, DEFAULT_SHARD_BYTES};
+use crate::model::write::{stage, write_model, Folder, DEFAULT_SHARD_BYTES};
 use crate::plugins::Registry;
-use crate::recipe::{Options, Recipe, Step, StepKind};
+use crate::recipe::{Options, Recipe, Step, StepKind, RUN_RECORD};
 use crate::session::Session;
 use crate::{cuda, plots, surgery, train};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::Dtype;
+use scalpel_files::StagedDir;
 use scalpel_sdk::{ItemKind, ModelInfo, ModelSource, Plan, Report, Reports};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ pub struct Prepared<'r> {
     dtype: Option<Dtype>,
     windows: Option<Windows>,
     reports: Reports,
-    staging: Option<Staging>,
+    staging: Option<StagedDir>,
 }
 
 /// What the steps found and decided.
@@ -166,7 +167,7 @@ pub fn prepare<'r>(recipe: &'r Recipe, registry: &Registry, opts: &Options) -> R
     };
     // Last, so that nothing is created when a check above fails.
     let staging = match (&recipe.output, opts.dry_run) {
-        (Some(out), false) => Some(Staging::new(out, opts.force)?),
+        (Some(out), false) => Some(stage(out, opts.force, RUN_RECORD)?),
         _ => None,
     };
     Ok(Prepared { recipe, ckpt, device, dtype, windows, reports, staging })
@@ -221,10 +222,10 @@ pub fn execute(p: &Prepared, session: &Session, registry: &Registry, progress: &
 }
 
 /// Writes everything into the staged output and renames it into place.
-pub fn write(p: &Prepared, staging: Staging, session: &Session, outcome: &Outcome, registry: &Registry, opts: &Options) -> Result<PathBuf> {
+pub fn write(p: &Prepared, staging: StagedDir, session: &Session, outcome: &Outcome, registry: &Registry, opts: &Options) -> Result<PathBuf> {
     let (ckpt, recipe) = (&p.ckpt, p.recipe);
     let model_dir = &ckpt.dir;
-    let out = &staging.tmp;
+    let out = staging.path();
     let reports = &outcome.reports;
     if !reports.0.is_empty() {
         std::fs::write(out.join("reports.json"), serde_json::to_string_pretty(reports)? + "\n")?;
@@ -236,7 +237,7 @@ pub fn write(p: &Prepared, staging: Staging, session: &Session, outcome: &Outcom
     }
     let record = record(recipe, registry, ckpt, session.info(), outcome.plan.as_ref())?;
     std::fs::write(out.join("recipe.toml"), recipe.to_toml()?)?;
-    std::fs::write(out.join("record.json"), serde_json::to_string_pretty(&record)? + "\n")?;
+    std::fs::write(out.join(RUN_RECORD), serde_json::to_string_pretty(&record)? + "\n")?;
     if let (Some(plan), Some(config)) = (&outcome.plan, &outcome.config) {
         let folder = Folder { config, companions_from: Some(model_dir), extra_files: vec![], record: &record };
         let tensors = surgery::resulting_tensors(ckpt, plan, p.dtype, 0);

@@ -383,22 +383,10 @@ fn emit(fig: &impl Figure, csv: String, out_dir: &Path, stem: &str) -> Result<Ve
     let mut paths = Vec::new();
     for (ext, bytes) in [("svg", svg), ("png", png), ("csv", csv.into_bytes())] {
         let path = out_dir.join(format!("{stem}.{ext}"));
-        write_atomic(&path, &bytes)?;
+        scalpel_files::write_file(&path, &bytes)?;
         paths.push(path);
     }
     Ok(paths)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("figure");
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let res = std::fs::write(&tmp, bytes)
-        .with_context(|| format!("writing {}", tmp.display()))
-        .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display())));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -114,6 +114,9 @@ impl Recipe {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
         let recipe: Recipe = toml::from_str(&text).with_context(|| format!("{} is not a valid recipe", path.display()))?;
+        if let Some(key) = toml::from_str(&text).ok().and_then(|t| non_finite(&toml::Value::Table(t), "")) {
+            bail!("{}: `{key}` is not a finite number (nan and inf are not settings)", path.display());
+        }
         // Relative paths in a recipe are relative to the recipe's folder.
         let base = path.parent().unwrap_or(Path::new("."));
         let rebase = |p: &mut PathBuf| {
@@ -149,4 +152,18 @@ impl Recipe {
         Ok(toml::to_string_pretty(&r)?)
     }
 }
+
+/// The key path of the first nan or inf in a TOML value: JSON, which settings travel as, has no such numbers.
+pub fn non_finite(v: &toml::Value, path: &str) -> Option<String> {
+    let join = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
+    match v {
+        toml::Value::Float(f) if !f.is_finite() => Some(if path.is_empty() { f.to_string() } else { path.to_string() }),
+        toml::Value::Array(a) => a.iter().enumerate().find_map(|(i, x)| non_finite(x, &format!("{path}[{i}]"))),
+        toml::Value::Table(t) => t.iter().find_map(|(k, x)| non_finite(x, &join(k))),
+        _ => None,
+    }
+}
+
+/// What a run folder holds to say scalpel wrote it: `--force` replaces only folders with this file.
+pub const RUN_RECORD: &str = "record.json";
 

@@ -138,14 +138,14 @@ fn emit_global(ckpt: &Checkpoint, name: String, fresh: Fresh, dtype: Option<Dtyp
         Fresh::No => emit(ckpt, name.clone(), &name, Change::None, dtype, 0),
         _ => {
             let t = fill(ckpt.tensor(&name)?)?;
-            to_out(name.clone(), &t, dtype.unwrap_or(ckpt.entry(&name)?.dtype))
+            to_out(name.clone(), &t, converted(ckpt.entry(&name)?.dtype, dtype))
         }
     }
 }
 
 fn emit<'c>(ckpt: &'c Checkpoint, out: String, src: &str, change: Change, dtype: Option<Dtype>, d_model: i64) -> Result<OutTensor<'c>> {
     let stored = ckpt.entry(src)?;
-    let target = dtype.unwrap_or(stored.dtype);
+    let target = converted(stored.dtype, dtype);
     if matches!(change, Change::None) && target == stored.dtype {
         return Ok(OutTensor { name: out, dtype: stored.dtype, shape: stored.shape.clone(), data: Cow::Borrowed(ckpt.bytes(src)?) });
     }
@@ -160,6 +160,14 @@ fn emit<'c>(ckpt: &'c Checkpoint, out: String, src: &str, change: Change, dtype:
         }
     };
     to_out(out, &t, target)
+}
+
+/// `--dtype` changes floating-point weights only: integer and bool tensors (ids, masks) keep their type.
+fn converted(stored: Dtype, asked: Option<Dtype>) -> Dtype {
+    match asked {
+        Some(d) if matches!(stored, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) => d,
+        _ => stored,
+    }
 }
 
 pub fn to_out(name: String, t: &Tensor, dtype: Dtype) -> Result<OutTensor<'static>> {

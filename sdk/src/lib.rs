@@ -56,7 +56,7 @@ mod registry;
 mod report;
 
 pub use model::{Calibration, Model, ModelInfo, ModelSource};
-pub use plan::{Edit, LayerSource, Plan};
+pub use plan::{check_depth, Edit, LayerSource, Plan, MAX_LAYERS};
 pub use registry::{Item, ItemKind};
 pub use report::{Metric, Report, Reports};
 

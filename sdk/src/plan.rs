@@ -33,6 +33,19 @@ pub enum Edit {
     ZeroOutput,
 }
 
+/// The most blocks a plan may produce. The deepest published decoders have a few hundred; a plan
+/// past this is a typo, and would allocate and print without end.
+pub const MAX_LAYERS: usize = 4096;
+
+/// Refuses an output depth past [`MAX_LAYERS`] before anything of that size is built.
+pub fn check_depth(layers: usize) -> Result<()> {
+    crate::ensure!(
+        layers <= MAX_LAYERS,
+        "the plan would make a model of {layers} layers; scalpel refuses more than {MAX_LAYERS} (check the repeat counts)"
+    );
+    Ok(())
+}
+
 impl Plan {
     /// Every block kept, in order.
     pub fn identity(layers: usize) -> Self {
@@ -81,6 +94,7 @@ impl Plan {
     /// At least one block, every source inside a model of `input_layers` blocks.
     pub fn validate(&self, input_layers: usize) -> Result<()> {
         crate::ensure!(!self.layers.is_empty(), "the plan keeps no layer: a model needs at least one");
+        check_depth(self.layers.len())?;
         if let Some((j, l)) = self.layers.iter().enumerate().find(|(_, l)| l.from >= input_layers) {
             crate::bail!("output layer {j} would come from layer {}, but the model has layers 0..{input_layers}", l.from);
         }
@@ -126,6 +140,14 @@ mod tests {
         let mut p = Plan::identity(2);
         p.reinit.push("lm_head".into());
         assert!(p.validate(2).unwrap_err().to_string().contains("lm_head"));
+    }
+
+    #[test]
+    fn an_absurd_depth_is_refused_with_the_limit() {
+        assert!(Plan::ranges(&vec![0..4; MAX_LAYERS / 4]).validate(4).is_ok());
+        let e = Plan::ranges(&vec![0..4; MAX_LAYERS / 4 + 1]).validate(4).unwrap_err().to_string();
+        assert!(e.contains("4100 layers") && e.contains("4096"), "{e}");
+        assert!(check_depth(usize::MAX).is_err());
     }
 
     #[test]

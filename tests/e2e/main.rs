@@ -3,6 +3,7 @@
 
 mod data;
 mod depth_pruning;
+mod hardening;
 mod inheritune;
 mod models;
 mod plugins;

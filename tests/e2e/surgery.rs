@@ -100,8 +100,10 @@ fn an_existing_output_is_not_replaced_without_force() {
     assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
     // Nothing else was left beside it.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
-    run(scalpel().args(["apply", "-s", "cutoff", "--set", "keep=2", "--force"]).arg(tiny("tiny-llama")).arg("-o").arg(&out)).success();
-    assert!(!out.join("keep.txt").exists() && out.join("model/config.json").exists());
+    // --force replaces an earlier output only, never a folder of someone's own files.
+    let r = run(scalpel().args(["apply", "-s", "cutoff", "--set", "keep=2", "--force"]).arg(tiny("tiny-llama")).arg("-o").arg(&out)).failure();
+    assert!(r.stderr.contains("not an earlier output"), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
 }
 
 #[test]
@@ -142,7 +144,7 @@ fn a_plan_that_keeps_no_layer_or_reaches_past_the_model_is_refused() {
     let r = run(scalpel().args(["apply", "-s", "slices", "--set", "ranges=[[2,9]]", "--dry-run"]).arg(tiny("tiny-llama"))).failure();
     assert!(r.stderr.contains("past the model's 4 layers"), "{}", r.stderr);
     let r = run(scalpel().args(["apply", "-s", "cutoff", "--set", "keep=0", "--dry-run"]).arg(tiny("tiny-llama"))).failure();
-    assert!(r.stderr.contains("fewer than min_keep"), "{}", r.stderr);
+    assert!(r.stderr.contains("keep = 0 would leave no layer"), "{}", r.stderr);
 }
 
 #[test]

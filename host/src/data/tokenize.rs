@@ -4,7 +4,7 @@
 use super::sources::{self, hex, sha256_file};
 use super::tokens::{permutation, write_token_file, Manifest, SourceInfo, SplitInfo, TokenDtype, TokenizerInfo};
 use crate::model::tokenizer::Tokenizer;
-use crate::model::write::Staging;
+use crate::model::write::stage;
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -57,17 +57,17 @@ pub fn tokenize(o: &Options) -> Result<Manifest> {
         .collect::<Result<_>>()?;
 
     let val = val_documents(docs.len(), o.val_fraction, o.seed)?;
-    let staging = Staging::new(&o.out, o.force)?;
+    let staging = stage(&o.out, o.force, "manifest.json")?;
     let write = |file: &str, pick: &dyn Fn(usize) -> bool| -> Result<SplitInfo> {
         let chosen: Vec<&Vec<u32>> = ids.iter().enumerate().filter(|(i, _)| pick(*i)).map(|(_, d)| d).collect();
         let flat: Vec<u32> = chosen.iter().flat_map(|d| d.iter().copied()).collect();
-        write_token_file(&staging.tmp.join(file), &flat, dtype)?;
+        write_token_file(&staging.path().join(file), &flat, dtype)?;
         Ok(SplitInfo { file: file.into(), documents: chosen.len(), tokens: flat.len(), max_id: flat.iter().copied().max().unwrap_or(0) })
     };
     let train = write("train.bin", &|i| !val[i])?;
     let val = if o.val_fraction > 0.0 { Some(write("val.bin", &|i| val[i])?) } else { None };
     let manifest = Manifest { format: "llm.c".into(), dtype, vocab_size: vocab, tokenizer: info, seed: o.seed, val_fraction: o.val_fraction, sources, train, val };
-    std::fs::write(staging.tmp.join("manifest.json"), serde_json::to_string_pretty(&manifest)? + "\n")?;
+    std::fs::write(staging.path().join("manifest.json"), serde_json::to_string_pretty(&manifest)? + "\n")?;
     staging.commit()?;
     Ok(manifest)
 }

@@ -13,7 +13,6 @@
 //! time is materialised.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -162,7 +161,7 @@ impl GgufFile {
     /// Maps `path` and parses its header, metadata and tensor infos. Checks that every tensor of a
     /// known type lies inside the file, so a truncated file fails here rather than mid-import.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
+        let file = scalpel_files::open_regular(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
         let len = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len();
         ensure!(len > 0, "{}: empty file, not a GGUF file", path.display());
         // SAFETY: the map is read-only. Like every mmap-based model loader, this assumes nobody
@@ -749,7 +748,7 @@ fn parse(buf: &[u8]) -> Result<(u32, BTreeMap<String, MetaValue>, Vec<TensorInfo
     ensure!(magic == MAGIC, "not a GGUF file: magic bytes are {magic:02x?}, expected \"GGUF\"");
     let version = r.u32()?;
     // A big-endian file's version reads byte-swapped here: 3 becomes 0x03000000.
-    ensure!(version & 0xffff != 0, "big-endian GGUF files are not supported");
+    ensure!(version == 0 || version & 0xffff != 0, "big-endian GGUF files are not supported");
     ensure!(version == 2 || version == 3, "unsupported GGUF version {version} (supported: 2, 3)");
     // Each tensor info takes at least 24 bytes (empty name, no dims, type, offset); each
     // key/value at least 13 (empty key, type, a one-byte value).
@@ -1419,7 +1418,7 @@ mod tests {
 
     #[test]
     fn unsupported_versions() {
-        for version in [1, 4] {
+        for version in [0, 1, 4] {
             let msg =
                 open_err(&format!("v{version}"), &Builder { version, ..Builder::model("llama") }.bytes());
             assert!(msg.contains(&format!("unsupported GGUF version {version}")), "{msg}");

@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Result};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 #[derive(Debug, Deserialize)]
@@ -14,6 +15,7 @@ pub struct Arch {
     pub architectures: Vec<String>,
     pub config: ConfigKeys,
     pub tensors: TensorNames,
+    pub shapes: Shapes,
     #[serde(default)]
     pub index_dependent: Vec<IndexDependent>,
 }
@@ -28,6 +30,26 @@ pub struct ConfigKeys {
     pub d_model: String,
     pub vocab: String,
     pub context: String,
+    /// The feed-forward width.
+    pub intermediate: String,
+    /// A size expression for `intermediate` when config.json leaves it null or out (GPT-2's `n_inner`).
+    pub intermediate_default: Option<String>,
+}
+
+/// The sizes a shape expression may name, all read off config.json (see `checkpoint::Dims`).
+pub const SIZE_NAMES: [&str; 7] = ["d_model", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "context"];
+
+/// Expected tensor shapes, each dimension a product of config sizes and numbers (`"kv_heads*head_dim"`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shapes {
+    /// Tensors outside blocks; all required except the LM head, which a tied model lacks.
+    pub global: BTreeMap<String, Vec<String>>,
+    /// Names relative to a block; every block needs all of them.
+    pub block: BTreeMap<String, Vec<String>>,
+    /// Names relative to a block, checked when present (biases some members of a family have).
+    #[serde(default)]
+    pub block_optional: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +135,20 @@ impl Arch {
     }
 }
 
+/// The value of a size expression such as `3*heads*head_dim`, given the named sizes.
+pub fn eval_size(expr: &str, size: impl Fn(&str) -> Option<usize>) -> Result<usize> {
+    expr.split('*').map(str::trim).try_fold(1usize, |acc, factor| {
+        let v = match factor.parse::<usize>() {
+            Ok(n) => n,
+            Err(_) => match size(factor) {
+                Some(v) => v,
+                None => bail!("unknown size `{factor}` in `{expr}`"),
+            },
+        };
+        acc.checked_mul(v).ok_or_else(|| anyhow::anyhow!("`{expr}` overflows"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +167,22 @@ mod tests {
         let gpt2 = for_model_type("gpt2").unwrap();
         assert_eq!(gpt2.canonical_name("h.0.ln_1.weight"), "transformer.h.0.ln_1.weight");
         assert_eq!(gpt2.canonical_name("lm_head.weight"), "lm_head.weight");
+    }
+
+    #[test]
+    fn every_shape_uses_known_sizes() {
+        let sizes = |name: &str| Some(name.len());
+        for a in all() {
+            for dims in a.shapes.global.values().chain(a.shapes.block.values()).chain(a.shapes.block_optional.values()) {
+                for d in dims {
+                    eval_size(d, |s| SIZE_NAMES.contains(&s).then(|| sizes(s)).flatten())
+                        .unwrap_or_else(|e| panic!("{}: {e}", a.family));
+                }
+            }
+            assert!(a.shapes.global.contains_key(&a.tensors.embedding) && a.shapes.global.contains_key(&a.tensors.lm_head), "{}", a.family);
+        }
+        assert_eq!(eval_size("3*heads*head_dim", |s| Some(if s == "heads" { 4 } else { 8 })).unwrap(), 96);
+        assert!(eval_size("3*depth", |_| None).unwrap_err().to_string().contains("depth"));
     }
 
     #[test]

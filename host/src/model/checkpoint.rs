@@ -24,6 +24,8 @@ pub struct Dims {
     pub head_dim: usize,
     pub vocab: usize,
     pub context: usize,
+    /// The feed-forward width.
+    pub intermediate: usize,
 }
 
 pub struct Checkpoint {
@@ -54,8 +56,10 @@ impl Checkpoint {
             bail!("{} is not a folder: a model is an HF model folder (config.json + *.safetensors)", dir.display());
         }
         let config_path = dir.join(CONFIG);
-        let text = std::fs::read_to_string(&config_path)
-            .with_context(|| format!("{} is not an HF model folder: it has no readable {CONFIG}", dir.display()))?;
+        if !config_path.exists() {
+            bail!("{} is not an HF model folder: it has no readable {CONFIG}", dir.display());
+        }
+        let text = scalpel_files::read_regular_string(&config_path)?;
         let config: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", config_path.display()))?;
         let model_type = config["model_type"]
             .as_str()
@@ -71,12 +75,13 @@ impl Checkpoint {
             }
         }
         let dims = dims(arch, &config).with_context(|| format!("reading {}", config_path.display()))?;
+        check_dtype_setting(&config).with_context(|| config_path.display().to_string())?;
 
         let files = shard_files(dir)?;
         let mut shards = Vec::new();
         let mut tensors = BTreeMap::new();
         for (index, file) in files.iter().enumerate() {
-            let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+            let f = scalpel_files::open_regular(file)?;
             // SAFETY: the file is opened read-only; scalpel never writes into a folder it reads.
             let map = unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", file.display()))?;
             let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
@@ -97,6 +102,7 @@ impl Checkpoint {
         }
         let ckpt = Checkpoint { dir: dir.to_path_buf(), config, arch, dims, shards, tensors };
         ckpt.check_complete()?;
+        ckpt.check_shapes()?;
         Ok(ckpt)
     }
 
@@ -120,6 +126,74 @@ impl Checkpoint {
         }
         if let Some((i, _)) = self.tensors.keys().filter_map(|n| self.arch.split_block_name(n)).find(|(i, _)| *i >= self.dims.layers) {
             bail!("{}: the checkpoint has tensors for layer {i}, but config.json says {} layers", self.dir.display(), self.dims.layers);
+        }
+        Ok(())
+    }
+
+    /// Every tensor the family needs, with the shape config.json implies and a float dtype; an untied
+    /// config has its LM head. Caught here, a disagreement is an error naming the tensor instead of
+    /// a libtorch failure deep inside a forward pass.
+    fn check_shapes(&self) -> Result<()> {
+        let d = &self.dims;
+        let size = |s: &str| -> Option<usize> {
+            Some(match s {
+                "d_model" => d.d_model,
+                "heads" => d.heads,
+                "kv_heads" => d.kv_heads,
+                "head_dim" => d.head_dim,
+                "intermediate" => d.intermediate,
+                "vocab" => d.vocab,
+                "context" => d.context,
+                _ => return None,
+            })
+        };
+        let lm_head = &self.arch.tensors.lm_head;
+        if self.config["tie_word_embeddings"] == Value::Bool(false) && !self.tensors.contains_key(lm_head) {
+            bail!(
+                "{}: config.json says `tie_word_embeddings: false`, but the checkpoint has no `{lm_head}`: \
+                 the output head is missing (set `tie_word_embeddings` to true if the embedding doubles as the head)",
+                self.dir.display()
+            );
+        }
+        let check = |name: &str, dims: &[String], required: bool| -> Result<()> {
+            let Some(e) = self.tensors.get(name) else {
+                if required {
+                    bail!("{}: the checkpoint has no tensor `{name}`", self.dir.display());
+                }
+                return Ok(());
+            };
+            if !matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
+                bail!("{}: tensor `{name}` is {:?}; weights must be floating point (f32, f16, bf16 or f64)", self.dir.display(), e.dtype);
+            }
+            let want = dims.iter().map(|x| arch::eval_size(x, size)).collect::<Result<Vec<usize>>>()?;
+            if e.shape != want {
+                let sizes: Vec<String> = arch::SIZE_NAMES
+                    .iter()
+                    .filter(|s| dims.iter().any(|x| x.split('*').any(|f| f.trim() == **s)))
+                    .map(|s| format!("{s} = {}", size(s).unwrap()))
+                    .collect();
+                bail!(
+                    "{}: tensor `{name}` has shape {:?}, but config.json implies {want:?} ([{}] with {}): the weights and config.json disagree",
+                    self.dir.display(),
+                    e.shape,
+                    dims.join(", "),
+                    sizes.join(", ")
+                );
+            }
+            Ok(())
+        };
+        let shapes = &self.arch.shapes;
+        for (name, dims) in &shapes.global {
+            check(name, dims, name != lm_head)?;
+        }
+        for i in 0..d.layers {
+            let prefix = self.arch.block_prefix(i);
+            for (name, dims) in &shapes.block {
+                check(&format!("{prefix}{name}"), dims, true)?;
+            }
+            for (name, dims) in &shapes.block_optional {
+                check(&format!("{prefix}{name}"), dims, false)?;
+            }
         }
         Ok(())
     }
@@ -176,12 +250,16 @@ impl Checkpoint {
 fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join(INDEX);
     if index.exists() {
-        let text = std::fs::read_to_string(&index)?;
+        let text = scalpel_files::read_regular_string(&index)?;
         let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
         let map = v["weight_map"].as_object().ok_or_else(|| anyhow!("{} has no `weight_map`", index.display()))?;
         let mut files: Vec<&str> = map.values().filter_map(Value::as_str).collect();
         files.sort();
         files.dedup();
+        // Shards live inside the model folder: a name that climbs out of it or is absolute is refused.
+        if let Some(bad) = files.iter().find(|f| f.is_empty() || !Path::new(f).components().all(|c| matches!(c, std::path::Component::Normal(_)))) {
+            bail!("{} names the shard `{bad}`, which is not a file inside the model folder", index.display());
+        }
         let files: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
         if let Some(missing) = files.iter().find(|f| !f.exists()) {
             bail!("{} names the shard {}, which is missing", index.display(), missing.display());
@@ -209,15 +287,42 @@ fn dims(arch: &Arch, config: &Value) -> Result<Dims> {
         Some(key) if !config[key].is_null() => get(key)?,
         _ => heads,
     };
-    let head_dim = match config["head_dim"].as_u64() {
-        Some(h) => h as usize,
-        None => d_model / heads,
-    };
     let layers = get(&k.layers)?;
     if layers == 0 || heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
         bail!("config.json has {layers} layers, {heads} heads and {kv_heads} key/value heads: not a usable transformer");
     }
-    Ok(Dims { layers, heads, kv_heads, d_model, head_dim, vocab: get(&k.vocab)?, context: get(&k.context)? })
+    let head_dim = match &config["head_dim"] {
+        Value::Null => {
+            if d_model % heads != 0 {
+                bail!("config.json has no `head_dim`, and `{}` = {d_model} is not a multiple of `{}` = {heads}", k.d_model, k.heads);
+            }
+            d_model / heads
+        }
+        _ => get("head_dim")?,
+    };
+    let (vocab, context) = (get(&k.vocab)?, get(&k.context)?);
+    let intermediate = match (&config[&k.intermediate], &k.intermediate_default) {
+        (Value::Null, Some(default)) => arch::eval_size(default, |s| (s == "d_model").then_some(d_model))?,
+        _ => get(&k.intermediate)?,
+    };
+    for (key, v) in [(&k.d_model, d_model), (&"head_dim".to_string(), head_dim), (&k.vocab, vocab), (&k.context, context), (&k.intermediate, intermediate)] {
+        if v == 0 {
+            bail!("config.json `{key}` is 0: every size of a transformer must be positive");
+        }
+    }
+    Ok(Dims { layers, heads, kv_heads, d_model, head_dim, vocab, context, intermediate })
+}
+
+/// The weights' declared dtype, if given, must be one scalpel knows: never silently ignored.
+fn check_dtype_setting(config: &Value) -> Result<()> {
+    for key in ["torch_dtype", "dtype"] {
+        match &config[key] {
+            Value::Null => {}
+            Value::String(s) if ["float32", "float16", "bfloat16", "float64", "float", "half", "double"].contains(&s.as_str()) => {}
+            other => bail!("config.json `{key}` is {other}, which scalpel does not know (known: float32, float16, bfloat16, float64)"),
+        }
+    }
+    Ok(())
 }
 
 pub fn kind_of(dtype: Dtype) -> Result<Kind> {

@@ -13,7 +13,8 @@ impl Tokenizer {
     pub fn for_model(dir: &Path, family: &str) -> Result<Self> {
         let file = dir.join("tokenizer.json");
         if file.exists() {
-            let t = tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow!("{} could not be read: {e}", file.display()))?;
+            let bytes = scalpel_files::read_regular(&file)?;
+            let t = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| anyhow!("{} could not be read: {e}", file.display()))?;
             return Ok(Tokenizer::Hf(Box::new(t)));
         }
         if family == "gpt2" {

@@ -1,15 +1,17 @@
-//! Writing HF model folders. Everything goes to a temporary folder beside the destination and is
-//! renamed into place at the end: an interrupted run leaves no half-written model behind, and an
-//! existing folder is replaced only with `force`.
+//! Writing HF model folders. Everything goes to a temporary folder beside the destination, is
+//! checked as the loader would check it, and is renamed into place at the end: an interrupted run
+//! leaves no half-written model behind, scalpel never writes a model it would refuse, and `force`
+//! replaces only an earlier output.
 
 use anyhow::{bail, Context, Result};
+use scalpel_files::{Replace, StagedDir};
 use safetensors::{Dtype, View};
 use serde_json::{json, Value};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::checkpoint::{CONFIG, INDEX, SINGLE};
+use super::checkpoint::{Checkpoint, CONFIG, INDEX, SINGLE};
 
 /// transformers' own default `max_shard_size`.
 pub const DEFAULT_SHARD_BYTES: usize = 5_000_000_000;
@@ -49,54 +51,10 @@ pub struct Folder<'a> {
     pub record: &'a Value,
 }
 
-/// A temporary folder that becomes `dest` on `commit`, and disappears if dropped before.
-pub struct Staging {
-    pub tmp: PathBuf,
-    dest: PathBuf,
-    force: bool,
-    committed: bool,
-}
-
-impl Staging {
-    pub fn new(dest: &Path, force: bool) -> Result<Self> {
-        if dest.exists() && !force {
-            bail!("{} already exists: choose another output or pass --force to replace it", dest.display());
-        }
-        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        let name = dest.file_name().context("the output needs a folder name")?.to_string_lossy();
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        Ok(Staging { tmp, dest: dest.to_path_buf(), force, committed: false })
-    }
-
-    pub fn commit(mut self) -> Result<PathBuf> {
-        if self.dest.exists() {
-            if !self.force {
-                bail!("{} appeared while writing: not replacing it without --force", self.dest.display());
-            }
-            let old = PathBuf::from(format!("{}.old", self.tmp.display()));
-            std::fs::rename(&self.dest, &old)?;
-            if let Err(e) = std::fs::rename(&self.tmp, &self.dest) {
-                std::fs::rename(&old, &self.dest)?; // put the old output back
-                return Err(e).with_context(|| format!("moving the result to {}", self.dest.display()));
-            }
-            std::fs::remove_dir_all(&old)?;
-        } else {
-            std::fs::rename(&self.tmp, &self.dest).with_context(|| format!("moving the result to {}", self.dest.display()))?;
-        }
-        self.committed = true;
-        Ok(self.dest.clone())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
-    }
+/// A staged output folder for `dest`. An existing `dest` is replaced only with `force`, and only when
+/// it is an earlier scalpel output (it holds `marker`): never an input model or a stray file.
+pub fn stage(dest: &Path, force: bool, marker: &'static str) -> Result<StagedDir> {
+    StagedDir::new(dest, if force { Replace::FolderWith(marker) } else { Replace::Never })
 }
 
 /// Files that describe how to use weights rather than being weights: tokenizer and generation settings.
@@ -109,6 +67,16 @@ fn is_companion(name: &str) -> bool {
         || ["merges.txt", "special_tokens_map.json", "added_tokens.json", "generation_config.json"].contains(&name)
 }
 
+fn write_shard(file: &Path, tensors: &[OutTensor], meta: std::collections::HashMap<String, String>) -> Result<()> {
+    safetensors::serialize_to_file(tensors.iter().map(|t| (t.name.clone(), t)), Some(meta), file)
+        .map_err(|e| match e {
+            // Unwrapped: the crate's error both prints and chains the I/O error, so a full disk was said twice.
+            safetensors::SafeTensorError::IoError(io) => anyhow::Error::from(io),
+            other => anyhow::Error::from(other),
+        })
+        .with_context(|| format!("writing {}", file.display()))
+}
+
 /// Writes a complete model folder at `dest`: config, shards (with an index past `shard_bytes`),
 /// companion files and the record. Tensors are consumed one at a time; at most one shard's worth
 /// of computed tensors is held in memory.
@@ -119,8 +87,8 @@ pub fn write_model<'a>(
     tensors: impl Iterator<Item = Result<OutTensor<'a>>>,
     shard_bytes: usize,
 ) -> Result<PathBuf> {
-    let staging = Staging::new(dest, force)?;
-    let dir = &staging.tmp;
+    let staging = stage(dest, force, RECORD)?;
+    let dir = staging.path();
     let mut shards: Vec<Vec<String>> = Vec::new();
     let mut pending: Vec<OutTensor> = Vec::new();
     let mut pending_bytes = 0;
@@ -128,8 +96,7 @@ pub fn write_model<'a>(
     let flush = |pending: &mut Vec<OutTensor>, shards: &mut Vec<Vec<String>>| -> Result<()> {
         let file = dir.join(format!("shard-{}.part", shards.len()));
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(pending.iter().map(|t| (t.name.clone(), t)), Some(meta), &file)
-            .with_context(|| format!("writing {}", file.display()))?;
+        write_shard(&file, pending, meta)?;
         // The safetensors crate creates files readable by their owner only; a model folder is for sharing.
         std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
         shards.push(pending.drain(..).map(|t| t.name).collect());
@@ -181,5 +148,7 @@ pub fn write_model<'a>(
         std::fs::write(dir.join(name), bytes)?;
     }
     std::fs::write(dir.join(RECORD), serde_json::to_string_pretty(folder.record)? + "\n")?;
+    // The same checks as every reader: a model scalpel would refuse is never put in place.
+    Checkpoint::open(dir).with_context(|| format!("the model made for {} would not pass scalpel's own checks, so nothing was written", dest.display()))?;
     staging.commit()
 }

@@ -8,7 +8,7 @@
 
 use super::{Run, Start, TrainConfig};
 use crate::data::Dataset;
-use crate::model::write::{write_model, Folder, Staging, DEFAULT_SHARD_BYTES};
+use crate::model::write::{stage, write_model, Folder, DEFAULT_SHARD_BYTES};
 use crate::model::{Checkpoint, Transformer};
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -23,8 +23,8 @@ pub fn export(run: &Run, dir: &Path, force: bool) -> Result<PathBuf> {
     c.check()?;
     let ckpt = Checkpoint::open(&run.model)?;
     let data = Dataset::open(&run.data)?;
-    let staging = Staging::new(dir, force)?;
-    let out = &staging.tmp;
+    let staging = stage(dir, force, "job.json")?;
+    let out = staging.path();
 
     // The model as the run would start it: its weights, or the seeded fresh initialisation.
     let net = match c.init {

@@ -20,7 +20,8 @@ pub use export::export;
 
 use crate::data::Dataset;
 use crate::model::checkpoint::Checkpoint;
-use crate::model::write::{write_model, Folder, Staging, DEFAULT_SHARD_BYTES};
+use crate::model::write::{stage, write_model, Folder, DEFAULT_SHARD_BYTES};
+use crate::recipe::RUN_RECORD;
 use crate::model::Transformer;
 use crate::plots;
 use adamw::{clip_grad_norm, AdamW};
@@ -186,6 +187,8 @@ impl TrainConfig {
 pub const SETTINGS: &str = "train.json";
 const CHECKPOINT: &str = "checkpoint";
 const LOG: &str = "log.jsonl";
+/// A checkpoint's trainer state: its step, tokens and time.
+const TRAINER_STATE: &str = "trainer.json";
 
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize)]
@@ -212,9 +215,9 @@ pub fn start(run: &Run, device: Device, force: bool) -> Result<Summary> {
     // Everything is checked before the folder exists, so a typo leaves nothing behind.
     let ckpt = Checkpoint::open(&run.model)?;
     let data = open_data(run, &ckpt)?;
-    let staging = Staging::new(&run.output, force)?;
-    std::fs::write(staging.tmp.join(SETTINGS), serde_json::to_string_pretty(run)? + "\n")?;
-    std::fs::write(staging.tmp.join("record.json"), serde_json::to_string_pretty(&record(run, &data)?)? + "\n")?;
+    let staging = stage(&run.output, force, RUN_RECORD)?;
+    std::fs::write(staging.path().join(SETTINGS), serde_json::to_string_pretty(run)? + "\n")?;
+    std::fs::write(staging.path().join(RUN_RECORD), serde_json::to_string_pretty(&record(run, &data)?)? + "\n")?;
     let out = staging.commit()?;
     let net = match run.config.init {
         Start::Pretrained => Transformer::load(&ckpt, device, Kind::Float)?,
@@ -399,7 +402,7 @@ pub fn read_log(out: &Path) -> Result<Vec<(u64, f64, Option<f64>)>> {
 
 /// Weights, optimizer and trainer state, replaced as one folder: a kill leaves the old or the new.
 fn save(out: &Path, ckpt: &Checkpoint, net: &Transformer, opt: &AdamW, state: &TrainerState, run: &Run) -> Result<()> {
-    let staging = Staging::new(&out.join(CHECKPOINT), true)?;
+    let staging = stage(&out.join(CHECKPOINT), true, TRAINER_STATE)?;
     let record = json!({
         "produced_by": format!("scalpel {} train", env!("CARGO_PKG_VERSION")),
         "trained_from": run.model,
@@ -410,9 +413,9 @@ fn save(out: &Path, ckpt: &Checkpoint, net: &Transformer, opt: &AdamW, state: &T
     let mut config = ckpt.config.clone();
     config["torch_dtype"] = json!("float32");
     let folder = Folder { config: &config, companions_from: Some(&run.model), extra_files: vec![], record: &record };
-    write_model(&staging.tmp.join("model"), false, folder, net.params.out_tensors(safetensors::Dtype::F32), DEFAULT_SHARD_BYTES)?;
-    opt.save(&staging.tmp.join("optimizer.safetensors"))?;
-    std::fs::write(staging.tmp.join("trainer.json"), serde_json::to_string_pretty(state)? + "\n")?;
+    write_model(&staging.path().join("model"), false, folder, net.params.out_tensors(safetensors::Dtype::F32), DEFAULT_SHARD_BYTES)?;
+    opt.save(&staging.path().join("optimizer.safetensors"))?;
+    std::fs::write(staging.path().join(TRAINER_STATE), serde_json::to_string_pretty(state)? + "\n")?;
     staging.commit()?;
     let link = out.join("model");
     if link.symlink_metadata().is_err() {

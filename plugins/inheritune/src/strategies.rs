@@ -83,6 +83,7 @@ impl Strategy for Cutoff {
                 ),
             },
         };
+        ensure!(c.keep != Some(0), "keep = 0 would leave no layer: a model needs at least one");
         ensure!(keep >= c.min_keep.max(1), "cutoff would keep {keep} layers, fewer than min_keep = {}; {why}", c.min_keep.max(1));
         ensure!(keep <= layers, "cutoff cannot keep {keep} layers of {layers}");
         let mut plan = Plan::ranges(&[0..keep]).note(format!("keep layers 0..{keep} of {layers}: {why}"));
@@ -151,6 +152,9 @@ impl Strategy for Stack {
         let layers = model.info().layers;
         let range = checked_range(c.start, c.end.unwrap_or(layers), layers)?;
         ensure!(c.times >= 1, "times must be at least 1");
+        // Checked before the plan is built: a huge `times` must be an error, not an allocation.
+        let depth = range.len().checked_mul(c.times - 1).and_then(|extra| extra.checked_add(layers));
+        scalpel_sdk::check_depth(depth.unwrap_or(usize::MAX))?;
         // Blocks before the range stay, the range repeats, blocks after it follow.
         let mut slices = vec![0..range.start];
         slices.extend(std::iter::repeat_n(range.clone(), c.times));
@@ -189,6 +193,7 @@ impl Strategy for Duplicate {
                 if let Some(&bad) = c.layers.iter().find(|&&l| l >= n) {
                     bail!("layer {bad} does not exist: the model has layers 0..{n}");
                 }
+                scalpel_sdk::check_depth(n.saturating_add(c.layers.len()))?;
                 let mut slices = Vec::new();
                 let mut copies = Vec::new();
                 for l in 0..n {
@@ -228,6 +233,7 @@ impl Strategy for Slices {
         let n = model.info().layers;
         ensure!(!c.ranges.is_empty(), "give at least one range, e.g. ranges = [[0, 6], [3, 9]]");
         let ranges: Vec<Range<usize>> = c.ranges.iter().map(|&[a, b]| checked_range(a, b, n)).collect::<Result<_>>()?;
+        scalpel_sdk::check_depth(ranges.iter().fold(0usize, |sum, r| sum.saturating_add(r.len())))?;
         let shown: Vec<String> = ranges.iter().map(|r| format!("[{}, {})", r.start, r.end)).collect();
         Ok(Plan::ranges(&ranges).note(format!("slices {}", shown.join(" + "))))
     }
@@ -375,6 +381,26 @@ mod tests {
         assert_eq!(p.sources(), vec![0, 1, 2, 3, 2, 3, 4, 5]);
         let e = plan("slices", 6, r#"{"ranges": [[0, 7]]}"#, &Reports::default()).unwrap_err().to_string();
         assert!(e.contains("past the model's 6 layers"), "{e}");
+    }
+
+    #[test]
+    fn absurd_repeat_counts_are_refused_before_allocating() {
+        for (item, config) in [
+            ("stack", r#"{"times": 1000000000}"#),
+            ("stack", r#"{"times": 18446744073709551615}"#),
+            ("duplicate", &format!(r#"{{"layers": {:?}}}"#, vec![0; 5000])),
+            ("slices", &format!(r#"{{"ranges": {:?}}}"#, vec![[0, 6]; 1000])),
+        ] {
+            let e = plan(item, 6, config, &Reports::default()).unwrap_err().to_string();
+            assert!(e.contains("refuses more than 4096"), "{item}: {e}");
+        }
+        assert_eq!(plan("stack", 6, r#"{"times": 600}"#, &Reports::default()).unwrap().layers.len(), 3600);
+    }
+
+    #[test]
+    fn keeping_zero_layers_says_so() {
+        let e = plan("cutoff", 6, r#"{"keep": 0}"#, &Reports::default()).unwrap_err().to_string();
+        assert!(e.contains("keep = 0 would leave no layer") && !e.contains("min_keep"), "{e}");
     }
 
     #[test]
