@@ -378,6 +378,12 @@ pub fn parse() -> Result<Job> {
         Command::Inspect { model } => Task::Inspect(model),
         Command::Import { gguf, out, dtype, force } => Task::Import { gguf, out, dtype: parse_dtype(&dtype)?, force },
         Command::Generate { model, prompt, max_tokens, top_p, temperature, seed } => {
+            if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+                bail!("--top-p must lie in (0, 1], found {}", top_p.unwrap_or_default());
+            }
+            if !(temperature > 0.0 && temperature.is_finite()) {
+                bail!("--temperature must be a positive number, found {temperature}");
+            }
             Task::Generate { model, prompt, max_tokens, sampling: Sampling { top_p, temperature, seed } }
         }
         Command::Tokenize { model, text } => Task::Tokenize { model, text },

@@ -135,11 +135,9 @@ impl Settings {
             let p = p.as_ref().with_context(|| format!("the Inheritune recipe needs `{what}`"))?;
             Ok(std::path::absolute(p)?)
         };
-        let train = r.steps.iter().find_map(|s| s.train.clone()).unwrap_or_default();
-        if r.steps.iter().any(|s| s.train.is_none()) {
-            bail!("an Inheritune recipe has one step, `train = {{ … }}` (the training of each round); cut and growth are set in [inheritune]");
-        }
-        let mut train = train;
+        let (Some(mut train), 1) = (r.steps.iter().find_map(|s| s.train.clone()), r.steps.len()) else {
+            bail!("an Inheritune recipe has exactly one step, `train = {{ … }}` (the training of each round); cut and growth are set in [inheritune]");
+        };
         if train.eval_every == 0 {
             // Each round's curve needs a few validation points to be worth drawing.
             train.eval_every = (train.steps / 5).max(1);
@@ -189,9 +187,14 @@ pub fn run(s: Settings, registry: &Registry, force: bool, progress: &dyn Fn(&str
 }
 
 /// Continues the run in `out` at the round and step it reached.
-pub fn resume(out: &Path, registry: &Registry, progress: &dyn Fn(&str)) -> Result<State> {
-    let text = std::fs::read_to_string(out.join(STATE)).with_context(|| format!("{} is not an inheritune run folder (no {STATE})", out.display()))?;
-    let state: State = serde_json::from_str(&text).with_context(|| format!("{} is not a valid {STATE}", out.join(STATE).display()))?;
+pub fn resume(out: &Path, device: Option<String>, registry: &Registry, progress: &dyn Fn(&str)) -> Result<State> {
+    let text = scalpel_files::read_regular_string(&out.join(STATE)).with_context(|| format!("{} is not an inheritune run folder (no {STATE})", out.display()))?;
+    let mut state: State = serde_json::from_str(&text).with_context(|| format!("{} is not a valid {STATE}", out.join(STATE).display()))?;
+    // The run folder is wherever it is now (it may have been moved), on the device asked for now.
+    state.settings.output = std::path::absolute(out)?;
+    if device.is_some() {
+        state.settings.device = device;
+    }
     rounds(state, registry, progress)
 }
 
@@ -235,7 +238,7 @@ fn rounds(mut state: State, registry: &Registry, progress: &dyn Fn(&str)) -> Res
         state.stopped = if val_loss <= target {
             Some(format!("round {k} ({layers} layers) reached validation loss {val_loss:.4} ≤ target {target:.4}"))
         } else if layers >= total {
-            Some(format!("round {k} reached the reference's {total} layers"))
+            Some(format!("round {k} has {layers} layers, the reference's depth ({total})"))
         } else if k >= s.method.max_rounds {
             Some(format!("{k} rounds ran (--max-rounds); the last has validation loss {val_loss:.4} > target {target:.4}"))
         } else {
@@ -253,6 +256,7 @@ fn start(s: &Settings, force: bool, progress: &dyn Fn(&str)) -> Result<State> {
         bail!("--grow and --max-rounds must be at least 1");
     }
     let reference = Checkpoint::open(&s.reference)?;
+    s.train.check(&reference.dims)?;
     let data = Dataset::open(&s.data)?;
     let val = match &s.val {
         Some(v) => Dataset::open(v)?.train,
@@ -292,7 +296,7 @@ fn round_recipe(s: &Settings, state: &State, dir: &Path) -> Result<Recipe> {
     match (previous, s.method.growth) {
         (Some(prev), Growth::Warm) => {
             recipe.model = Some(s.output.join(format!("round-{}", prev.round)).join("train/model"));
-            recipe.steps.push(strategy(&s.method.grow_with, grow_config(s, prev.layers)?));
+            recipe.steps.push(strategy(&s.method.grow_with, grow_config(s, prev.layers, state.reference_layers)?));
         }
         _ => {
             recipe.model = Some(s.reference.clone());
@@ -323,9 +327,10 @@ fn round_recipe(s: &Settings, state: &State, dir: &Path) -> Result<Recipe> {
 
 /// Settings that grow a model of `layers` blocks by Δ with the built-in strategies (the top Δ blocks
 /// repeated, or duplicated in place as zeroed copies); a third-party strategy gets `--grow-set` as given.
-fn grow_config(s: &Settings, layers: usize) -> Result<Value> {
+fn grow_config(s: &Settings, layers: usize, total: usize) -> Result<Value> {
     let mut config = s.method.grow_config.clone();
-    let delta = s.method.grow.min(layers);
+    // Never past the reference's depth: the last round may grow by less.
+    let delta = s.method.grow.min(layers).min(total.saturating_sub(layers)).max(1);
     match s.method.grow_with.as_str() {
         "stack" => {
             config["start"] = json!(layers - delta);
@@ -340,10 +345,7 @@ fn grow_config(s: &Settings, layers: usize) -> Result<Value> {
 }
 
 fn save_state(out: &Path, state: &State) -> Result<()> {
-    let tmp = out.join(format!(".{STATE}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_string_pretty(state)? + "\n")?;
-    std::fs::rename(&tmp, out.join(STATE))?;
-    Ok(())
+    scalpel_files::write_file(&out.join(STATE), (serde_json::to_string_pretty(state)? + "\n").as_bytes())
 }
 
 /// `summary.md` and the rounds' loss curves against the reference's loss.
@@ -357,7 +359,7 @@ fn present_files(out: &Path, state: &State) -> Result<()> {
         curves.push(plots::Curve { label: format!("round {} ({} layers), {what}", r.round, r.layers), points });
     }
     let reference = [(format!("reference ({} layers) validation", state.reference_layers), state.reference_val_loss)];
-    let name = state.settings.reference.file_name().map_or("reference".into(), |n| n.to_string_lossy().into_owned());
+    let name = crate::pipeline::model_name(&state.settings.reference);
     plots::loss_curves(&curves, &reference, &format!("Inheritune from {name}: loss per round"), out, "rounds")?;
     Ok(())
 }

@@ -173,7 +173,7 @@ fn sample_top_p(logits: &Tensor, p: f64) -> i64 {
 /// Token ids must index the model's embedding.
 pub fn check_vocab(ids: &[i64], vocab: usize, what: &str) -> Result<()> {
     if let Some(&bad) = ids.iter().find(|&&i| i < 0 || i as usize >= vocab) {
-        bail!("{what} has token id {bad}, outside the model's vocabulary of {vocab}: the tokenizer does not belong to this model");
+        bail!("{what} has token id {bad}, but the model's vocabulary is 0..{vocab}: tokenizer and model do not belong together");
     }
     Ok(())
 }
@@ -199,6 +199,7 @@ pub fn eval(ckpt: &Checkpoint, device: Device, data: &EvalData, tokens: usize, m
     let max_windows = if max_windows == 0 { usize::MAX } else { max_windows };
     // Position t predicts token t+1; a BOS is context only, never a target.
     let (windows, first) = match data {
+        EvalData::Text { bos: true, .. } if tokens < 3 => bail!("--tokens {tokens} with --bos: a window needs the BOS token and at least 2 more"),
         EvalData::Text { path, bos } => (text_windows(ckpt, path, tokens, max_windows, *bos)?, i64::from(*bos)),
         EvalData::Tokens(path) => {
             let data = crate::data::Dataset::open(path)?;

@@ -80,7 +80,7 @@ fn run(job: Job) -> Result<()> {
             present::finished(&finished, layers, key, &config, job.json, opts.dry_run)
         }
         Task::InherituneResume(run) => {
-            let state = inheritune::resume(&run, &registry(), &|line| eprintln!("{line}"))?;
+            let state = inheritune::resume(&run, job.device.clone(), &registry(), &|line| eprintln!("{line}"))?;
             present::inheritune(&state, job.json)
         }
         Task::Data(request) => data::run(request, job.json),

@@ -58,6 +58,7 @@ pub struct Finished {
 
 /// Runs a whole recipe; `progress` receives one-line progress messages.
 pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options, progress: &dyn Fn(&str)) -> Result<Finished> {
+    check_steps(recipe, registry)?;
     let training = recipe.steps.iter().find_map(|s| match s.kind() {
         Ok(StepKind::Train(c)) => Some(c.clone()),
         _ => None,
@@ -66,13 +67,14 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options, progress: &dyn 
     if let Some(config) = training.filter(|_| items == 0 && recipe.dtype.is_none()) {
         // A recipe that only trains is `scalpel train`: its output is the run folder.
         let run = train_run(recipe, recipe.model.clone(), recipe.output.clone(), config)?;
+        train::check(&run)?;
         if opts.dry_run {
             return Ok(Finished { outcome: Outcome::empty(), written: None, trained: None });
         }
         let summary = train::start(&run, cuda::device(recipe.device.as_deref().unwrap_or("cpu"))?, opts.force)?;
         return Ok(Finished { outcome: Outcome::empty(), written: Some(run.output.clone()), trained: Some(summary) });
     }
-    let mut prepared = prepare(recipe, registry, opts)?;
+    let mut prepared = prepare(recipe, opts)?;
     let (windows, staging) = (prepared.windows.take(), prepared.staging.take());
     let session = Session::new(&prepared.ckpt, prepared.device, windows);
     progress(&format!("{} ({} layers) on {}", prepared.ckpt.dir.display(), prepared.ckpt.dims.layers, session.info().device));
@@ -111,26 +113,9 @@ impl Outcome {
     }
 }
 
-pub fn prepare<'r>(recipe: &'r Recipe, registry: &Registry, opts: &Options) -> Result<Prepared<'r>> {
+pub fn prepare<'r>(recipe: &'r Recipe, opts: &Options) -> Result<Prepared<'r>> {
     let model_dir = recipe.model.as_deref().ok_or_else(|| anyhow!("the recipe names no model (set `model = \"…\"` or pass one)"))?;
-    if recipe.steps.is_empty() && recipe.dtype.is_none() {
-        bail!("the recipe has no steps: add [[step]] tables naming an analyzer, a strategy or `train` (or set `dtype` to convert)");
-    }
-    let mut trains = 0;
-    for (i, step) in recipe.steps.iter().enumerate() {
-        match step.kind()? {
-            StepKind::Item(name, kind) => {
-                registry.get(name, Some(kind))?;
-                if trains > 0 {
-                    bail!("step {} (`{name}`) comes after the train step: training must be the last step", i + 1);
-                }
-            }
-            StepKind::Train(_) => trains += 1,
-        }
-    }
-    if trains > 1 {
-        bail!("the recipe has {trains} train steps: one run trains once (use `scalpel inheritune` for rounds)");
-    }
+    let trains = recipe.steps.iter().filter(|s| s.train.is_some()).count();
     let writes_model = recipe.dtype.is_some() || recipe.steps.iter().any(|s| s.strategy.is_some());
     if recipe.output.is_none() && !opts.dry_run && (writes_model || trains > 0) {
         bail!("a strategy or a train step writes a new model: give an output folder (-o DIR), or --dry-run to see the plan");
@@ -138,6 +123,10 @@ pub fn prepare<'r>(recipe: &'r Recipe, registry: &Registry, opts: &Options) -> R
     let dtype = recipe.dtype.as_deref().map(parse_dtype).transpose()?;
     let device = cuda::device(recipe.device.as_deref().unwrap_or("cpu"))?;
     let ckpt = Checkpoint::open(model_dir)?;
+    if let Some(config) = recipe.steps.iter().find_map(|s| s.train.clone()) {
+        // Surgery keeps the vocabulary and the context, so the input tells whether training can run.
+        train::check(&train_run(recipe, recipe.model.clone(), recipe.output.clone(), config)?)?;
+    }
     if let (Some(out), Ok(input)) = (&recipe.output, model_dir.canonicalize()) {
         let out = std::path::absolute(out)?;
         if input.starts_with(&out) || out.canonicalize().is_ok_and(|o| input.starts_with(o)) {
@@ -171,6 +160,29 @@ pub fn prepare<'r>(recipe: &'r Recipe, registry: &Registry, opts: &Options) -> R
         _ => None,
     };
     Ok(Prepared { recipe, ckpt, device, dtype, windows, reports, staging })
+}
+
+/// Every item exists, at most one train step comes last: checked before any work.
+fn check_steps(recipe: &Recipe, registry: &Registry) -> Result<()> {
+    if recipe.steps.is_empty() && recipe.dtype.is_none() {
+        bail!("the recipe has no steps: add [[step]] tables naming an analyzer, a strategy or `train` (or set `dtype` to convert)");
+    }
+    let mut trains = 0;
+    for (i, step) in recipe.steps.iter().enumerate() {
+        match step.kind()? {
+            StepKind::Item(name, kind) => {
+                registry.get(name, Some(kind))?;
+                if trains > 0 {
+                    bail!("step {} (`{name}`) comes after the train step: training must be the last step", i + 1);
+                }
+            }
+            StepKind::Train(_) => trains += 1,
+        }
+    }
+    if trains > 1 {
+        bail!("the recipe has {trains} train steps: one run trains once (use `scalpel inheritune` for rounds)");
+    }
+    Ok(())
 }
 
 /// Analyzers report and strategies plan, in recipe order.
@@ -270,7 +282,8 @@ fn first_removed(plan: &Plan, layers: usize) -> Option<usize> {
     (0..layers).find(|l| !kept.contains(l)).filter(|&c| kept.iter().all(|&k| k < c))
 }
 
-fn model_name(dir: &Path) -> String {
+/// A model folder's name, for figure titles and labels.
+pub fn model_name(dir: &Path) -> String {
     dir.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
 }
 
@@ -335,7 +348,7 @@ fn record(recipe: &Recipe, registry: &Registry, ckpt: &Checkpoint, info: &ModelI
     }
     let mut inputs = serde_json::Map::new();
     for path in ckpt.shard_paths().map(Path::to_path_buf).chain([ckpt.dir.join("config.json")]).chain(recipe.calibration.as_ref().map(|c| c.file.clone())) {
-        inputs.insert(path.display().to_string(), Value::from(sha256(&path)?));
+        inputs.insert(path.display().to_string(), Value::from(crate::data::sources::sha256_file(&path)?));
     }
     Ok(json!({
         "produced_by": format!("scalpel {}", env!("CARGO_PKG_VERSION")),
@@ -349,12 +362,6 @@ fn record(recipe: &Recipe, registry: &Registry, ckpt: &Checkpoint, info: &ModelI
     }))
 }
 
-pub fn sha256(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?, &mut hasher)?;
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
 
 /// The model a plan makes, before it is written: what a strategy after another strategy sees.
 /// Weights are read through the layer map; activations of an unwritten model are not available.

@@ -13,11 +13,16 @@ use std::path::Path;
 pub fn finished(f: &Finished, ckpt_layers: usize, layers_key: &str, input_config: &Value, json: bool, dry_run: bool) -> Result<()> {
     let o = &f.outcome;
     if json {
-        let mut all = json!({ "reports": o.reports, "plan": o.plan, "config": o.config, "output": f.written, "train": f.trained });
-        if o.reports.0.is_empty() {
-            all.as_object_mut().map(|m| m.remove("reports"));
+        // One JSON document per part, as each part has always printed: the reports, the plan, the training.
+        if !o.reports.0.is_empty() {
+            println!("{}", serde_json::to_string_pretty(&o.reports)?);
         }
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        if o.plan.is_some() {
+            println!("{}", serde_json::to_string_pretty(&json!({ "plan": o.plan, "config": o.config }))?);
+        }
+        if let Some(t) = &f.trained {
+            println!("{}", serde_json::to_string_pretty(t)?);
+        }
         return Ok(());
     }
     if !o.reports.0.is_empty() {

@@ -17,7 +17,12 @@ fn inheritune(out: &Path, steps: u64, extra: &[&str]) -> Command {
     let mut cmd = scalpel();
     cmd.env("OMP_NUM_THREADS", "1");
     cmd.arg("inheritune").arg("--reference").arg(tiny("tiny-llama")).arg("--data").arg(batches()).arg("--val").arg(batches());
-    cmd.arg("-o").arg(out).args(["--start", "2", "--grow", "1", "--max-rounds", "2", "--target", "0.01"]);
+    cmd.arg("-o").arg(out);
+    for (flag, value) in [("--start", "2"), ("--grow", "1"), ("--max-rounds", "2"), ("--target", "0.01")] {
+        if !extra.contains(&flag) {
+            cmd.args([flag, value]);
+        }
+    }
     cmd.args(["--steps", &steps.to_string(), "--batch", "4", "--seq", "32", "--eval-windows", "8", "--lr", "3e-3", "--warmup", "0", "--shuffle", "false"]);
     cmd.args(extra);
     cmd
@@ -119,4 +124,20 @@ fn the_loop_is_a_recipe() {
     // The example recipe parses and names the loop.
     let example = run(scalpel().arg("run").arg(repo().join("examples/recipes/inheritune-loop.toml")).arg("--model").arg(tiny("tiny-llama"))).failure();
     assert!(example.stderr.contains("data"), "without data the loop says what it needs: {}", example.stderr);
+}
+
+#[test]
+fn warm_growth_stops_at_the_references_depth_and_a_moved_run_resumes_where_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    // From 3 layers, growing by 2 would pass the reference's 4: the round grows by 1.
+    run(&mut inheritune(&out, 4, &["--start", "3", "--grow", "2", "--growth", "warm"])).success();
+    let s = state(&out);
+    let layers: Vec<u64> = s["rounds"].as_array().unwrap().iter().map(|r| r["layers"].as_u64().unwrap()).collect();
+    assert_eq!(layers, vec![3, 4], "{s}");
+    // A finished run moved elsewhere resumes (and stays) there.
+    let moved = dir.path().join("moved");
+    std::fs::rename(&out, &moved).unwrap();
+    run(scalpel().env("OMP_NUM_THREADS", "1").arg("inheritune").arg("--resume").arg(&moved)).success();
+    assert!(!out.exists(), "resuming a moved run does not recreate the old folder");
 }

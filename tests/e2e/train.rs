@@ -55,15 +55,13 @@ fn kill_after(mut cmd: Command, out: &Path, lines: usize) {
     let _ = child.wait();
 }
 
-/// `(step, loss, grad_norm, val_loss)` of each line of a run's log.
+/// `(step, loss, grad_norm, val_loss)` of each line of a run's log (a line a kill cut short is not one).
 fn log(out: &Path) -> Vec<(u64, f64, f64, Option<f64>)> {
     std::fs::read_to_string(out.join("log.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap(), v["val_loss"].as_f64())
-        })
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap(), v["val_loss"].as_f64()))
         .collect()
 }
 
@@ -165,4 +163,17 @@ fn train_has_an_equivalent_recipe() {
     std::fs::write(&recipe, &printed).unwrap();
     run(scalpel1().arg("run").arg(&recipe)).success();
     assert_eq!(log(&out).len(), 2);
+}
+
+#[test]
+fn settings_the_model_cannot_train_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    // tiny-llama's context is 128 tokens.
+    let (batches, _) = golden("tiny-llama");
+    let r = run(scalpel1().arg("train").arg(tiny("tiny-llama")).arg("--data").arg(&batches).arg("-o").arg(&out).args(["--seq", "200"])).failure();
+    assert!(r.stderr.contains("--seq 200") && r.stderr.contains("context"), "{}", r.stderr);
+    assert!(!out.exists(), "nothing written");
+    let r = run(scalpel1().arg("generate").arg(tiny("tiny-llama")).args(["--prompt", "x", "--top-p", "0"])).failure();
+    assert!(r.stderr.contains("--top-p"), "{}", r.stderr);
 }

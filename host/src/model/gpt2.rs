@@ -95,7 +95,7 @@ impl Family for Gpt2 {
         scale
     }
 
-    fn window(&self) -> Option<i64> {
+    fn window(&self, _layer: usize) -> Option<i64> {
         None
     }
 

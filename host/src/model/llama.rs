@@ -25,6 +25,8 @@ pub struct LlamaConfig {
     pub sliding_window: Option<i64>,
     pub use_sliding_window: Option<bool>,
     pub max_window_layers: Option<usize>,
+    /// transformers 5: `sliding_attention` or `full_attention` per layer.
+    pub layer_types: Option<Vec<String>>,
     pub num_hidden_layers: usize,
 }
 
@@ -44,7 +46,8 @@ pub struct Llama {
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
-    window: Option<i64>,
+    /// The sliding window of each layer, where it has one.
+    windows: Vec<Option<i64>>,
     /// RoPE inverse frequencies, `[head_dim / 2]`, float32 as transformers computes them.
     inv_freq: Tensor,
 }
@@ -61,20 +64,14 @@ impl Llama {
         };
         let heads = cfg.num_attention_heads;
         let head_dim = cfg.head_dim.unwrap_or(cfg.hidden_size / heads.max(1));
-        let window = match (cfg.sliding_window, cfg.use_sliding_window) {
-            (Some(w), None | Some(true)) => Some(w),
-            _ => None,
-        };
-        if cfg.use_sliding_window == Some(true) && cfg.max_window_layers.is_some_and(|m| m < cfg.num_hidden_layers) {
-            bail!("sliding-window attention on only some layers (Qwen2 `max_window_layers`) is not supported");
-        }
+        let windows = sliding_windows(&cfg)?;
         let inv_freq = rope_inv_freq(config, head_dim)?.to_device(device);
         Ok(Llama {
             eps,
             heads: heads as i64,
             kv_heads: cfg.num_key_value_heads.unwrap_or(heads) as i64,
             head_dim: head_dim as i64,
-            window,
+            windows,
             inv_freq,
             cfg,
         })
@@ -91,6 +88,35 @@ impl Llama {
 
 const EMBED: &str = "model.embed_tokens.weight";
 
+/// Which layers attend through a sliding window, as transformers decides it: `layer_types` when the config
+/// lists them (transformers 5); Qwen2's `use_sliding_window` with layers from `max_window_layers` on; else
+/// (Mistral) every layer when `sliding_window` is set.
+fn sliding_windows(cfg: &LlamaConfig) -> Result<Vec<Option<i64>>> {
+    let n = cfg.num_hidden_layers;
+    let Some(w) = cfg.sliding_window.filter(|&w| w > 0) else { return Ok(vec![None; n]) };
+    if let Some(types) = &cfg.layer_types {
+        if types.len() != n {
+            bail!("config.json `layer_types` has {} entries for {n} layers", types.len());
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                "sliding_attention" => Ok(Some(w)),
+                "full_attention" => Ok(None),
+                other => bail!("config.json `layer_types` entry \"{other}\" is not implemented (sliding_attention, full_attention)"),
+            })
+            .collect();
+    }
+    Ok(match cfg.use_sliding_window {
+        Some(false) => vec![None; n],
+        Some(true) => {
+            let from = cfg.max_window_layers.unwrap_or(0);
+            (0..n).map(|i| (i >= from).then_some(w)).collect()
+        }
+        None => vec![Some(w); n],
+    })
+}
+
 impl Family for Llama {
     fn embed(&self, p: &Params, ids: &Tensor, _start: i64) -> Result<Tensor> {
         Ok(Tensor::f_embedding(p.get(EMBED)?, ids, -1, false, false)?)
@@ -104,7 +130,9 @@ impl Family for Llama {
             Ok(y.reshape([b, t, n, self.head_dim]).transpose(1, 2))
         };
         let (q, k, v) = (proj("q_proj", self.heads)?, proj("k_proj", self.kv_heads)?, proj("v_proj", self.kv_heads)?);
-        let (cos, sin) = self.rope_tables(start, t, q.kind());
+        // As transformers under autocast: positions rotate in float32 even when the projections ran in bf16.
+        let kind = if matches!(q.kind(), Kind::BFloat16 | Kind::Half) { Kind::Float } else { q.kind() };
+        let (cos, sin) = self.rope_tables(start, t, kind);
         Ok((rotate(&q, &cos, &sin), rotate(&k, &cos, &sin), v))
     }
 
@@ -112,8 +140,8 @@ impl Family for Llama {
         1.0 / (self.head_dim as f64).sqrt()
     }
 
-    fn window(&self) -> Option<i64> {
-        self.window
+    fn window(&self, layer: usize) -> Option<i64> {
+        self.windows.get(layer).copied().flatten()
     }
 
     fn finish(&self, p: &Params, prefix: &str, h: &Tensor, mixed: &Tensor) -> Result<Tensor> {
@@ -190,4 +218,28 @@ fn rope_inv_freq(config: &Value, head_dim: usize) -> Result<Tensor> {
         }
         other => bail!("RoPE scaling `{other}` is not supported (supported: default, linear, llama3)"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn windows(extra: serde_json::Value) -> Vec<Option<i64>> {
+        let mut config = serde_json::json!({ "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 4, "sliding_window": 16 });
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        sliding_windows(&serde_json::from_value(config).unwrap()).unwrap()
+    }
+
+    /// transformers: Qwen2 slides from `max_window_layers` on; Mistral slides everywhere; `layer_types` says per layer.
+    #[test]
+    fn sliding_windows_follow_transformers() {
+        assert_eq!(windows(serde_json::json!({})), vec![Some(16); 4]);
+        assert_eq!(windows(serde_json::json!({ "use_sliding_window": false })), vec![None; 4]);
+        assert_eq!(windows(serde_json::json!({ "use_sliding_window": true, "max_window_layers": 28 })), vec![None; 4]);
+        assert_eq!(windows(serde_json::json!({ "use_sliding_window": true, "max_window_layers": 2 })), vec![None, None, Some(16), Some(16)]);
+        let types = serde_json::json!({ "layer_types": ["full_attention", "sliding_attention", "full_attention", "sliding_attention"] });
+        assert_eq!(windows(types), vec![None, Some(16), None, Some(16)]);
+    }
 }

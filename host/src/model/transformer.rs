@@ -28,8 +28,8 @@ pub trait Family {
     fn qkv(&self, p: &Params, prefix: &str, h: &Tensor, start: i64) -> Result<(Tensor, Tensor, Tensor)>;
     /// The factor applied to attention logits in block `layer`.
     fn scale(&self, layer: usize) -> f64;
-    /// Keys further back than this many positions are not attended to.
-    fn window(&self) -> Option<i64>;
+    /// Keys this many positions back or further are not attended to in block `layer`.
+    fn window(&self, layer: usize) -> Option<i64>;
     /// The rest of the block, from the attention-mixed values `[b, t, heads * hd]`.
     fn finish(&self, p: &Params, prefix: &str, h: &Tensor, mixed: &Tensor) -> Result<Tensor>;
     /// Final norm and output head: logits.
@@ -108,13 +108,14 @@ impl Transformer {
     /// Post-softmax attention of block `i` for the hidden states `h` entering it: `[batch, heads, T, T]`.
     pub fn attention(&self, i: usize, h: &Tensor) -> Result<Tensor> {
         let (q, k, _) = self.qkv(i, h, 0)?;
-        self.probs(i, &q, &k)
+        self.probs(i, &q, &self.repeat_kv(&k))
     }
 
     /// Block `i` with explicit attention probabilities (transformers' eager path): what analyzers see.
     pub fn block(&self, i: usize, h: &Tensor) -> Result<Tensor> {
         let (q, k, v) = self.qkv(i, h, 0)?;
-        let mixed = self.probs(i, &q, &k)?.to_kind(v.kind()).matmul(&v);
+        let v = self.repeat_kv(&v);
+        let mixed = self.probs(i, &q, &self.repeat_kv(&k))?.to_kind(v.kind()).matmul(&v);
         self.finish(i, h, &mixed)
     }
 
@@ -123,14 +124,18 @@ impl Transformer {
         let start = cache.as_ref().map_or(0, |c| c.len);
         let (q, mut k, mut v) = self.qkv(i, h, start)?;
         if let Some(c) = cache {
+            // Cached as the model makes them, kv_heads wide; repeated for the query heads only below.
             if let Some((k0, v0)) = &c.layers[i] {
                 k = Tensor::cat(&[k0, &k], 2);
                 v = Tensor::cat(&[v0, &v], 2);
             }
             c.layers[i] = Some((k.shallow_clone(), v.shallow_clone()));
         }
+        // Under mixed precision the fused kernel runs in bf16, as torch.autocast runs it.
+        let p = &self.params;
+        let (q, k, v) = (p.mm_input(&q), p.mm_input(&self.repeat_kv(&k)), p.mm_input(&self.repeat_kv(&v)));
         let (tq, tk) = (q.size()[2], k.size()[2]);
-        let mask = self.mask(tq, tk);
+        let mask = self.mask(i, tq, tk);
         // Without a mask the query block is the whole sequence: plain causal attention.
         let causal = mask.is_none() && tq > 1;
         let mixed = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, self.family.scale(i), false)?;
@@ -187,11 +192,14 @@ impl Transformer {
         self.head(&h)
     }
 
+    /// q `[b, heads, t, hd]`, k and v `[b, kv_heads, t, hd]`.
     fn qkv(&self, i: usize, h: &Tensor, start: i64) -> Result<(Tensor, Tensor, Tensor)> {
-        let (q, k, v) = self.family.qkv(&self.params, &self.prefixes[i], h, start)?;
-        // Grouped-query attention: each key/value head serves heads / kv_heads query heads.
-        let rep = (self.dims.heads / self.dims.kv_heads) as i64;
-        Ok((q, repeat_kv(&k, rep), repeat_kv(&v, rep)))
+        self.family.qkv(&self.params, &self.prefixes[i], h, start)
+    }
+
+    /// Grouped-query attention: each key/value head serves heads / kv_heads query heads.
+    fn repeat_kv(&self, x: &Tensor) -> Tensor {
+        repeat_kv(x, (self.dims.heads / self.dims.kv_heads) as i64)
     }
 
     fn finish(&self, i: usize, h: &Tensor, mixed: &Tensor) -> Result<Tensor> {
@@ -203,14 +211,14 @@ impl Transformer {
     fn probs(&self, i: usize, q: &Tensor, k: &Tensor) -> Result<Tensor> {
         let t = q.size()[2];
         let scores = q.matmul(&k.transpose(-2, -1)) * self.family.scale(i);
-        let allowed = self.mask(t, t).unwrap_or_else(|| causal(t, t, None, self.device));
+        let allowed = self.mask(i, t, t).unwrap_or_else(|| causal(t, t, None, self.device));
         Ok(scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY).softmax(-1, self.kind))
     }
 
     /// Which keys each query may see, `[tq, tk]` (true: attend), when plain causal attention over the
     /// whole sequence does not say it: the last `tq` of `tk` positions, or a sliding window that bites.
-    fn mask(&self, tq: i64, tk: i64) -> Option<Tensor> {
-        let window = self.family.window().filter(|&w| w < tk);
+    fn mask(&self, layer: usize, tq: i64, tk: i64) -> Option<Tensor> {
+        let window = self.family.window(layer).filter(|&w| w < tk);
         match (window, tq) {
             (None, 1) => None, // one new token sees everything before it
             (None, _) if tq == tk => None,

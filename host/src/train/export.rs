@@ -6,31 +6,37 @@
 //! (`data/order.npy`: for every step and micro-batch, the window starts or row ids `scalpel train`
 //! would draw), `job.json` (the settings), `train.py`, `launch.sh` and a README.
 
-use super::{Run, Start, TrainConfig};
-use crate::data::Dataset;
+use super::{check, dropout_note, initial_net, Run, TrainConfig};
 use crate::model::write::{stage, write_model, Folder, DEFAULT_SHARD_BYTES};
-use crate::model::{Checkpoint, Transformer};
 use anyhow::{Context, Result};
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind};
+use tch::Device;
 
 const TRAIN_PY: &str = include_str!("torchrun_train.py");
 
 /// Writes the job for `run` into `dir` (atomically; `force` replaces an earlier export).
 pub fn export(run: &Run, dir: &Path, force: bool) -> Result<PathBuf> {
     let c = &run.config;
-    c.check()?;
-    let ckpt = Checkpoint::open(&run.model)?;
-    let data = Dataset::open(&run.data)?;
+    let (ckpt, data) = check(run)?;
+    let mut skipped: Vec<&str> = Vec::new();
+    if run.val.is_some() || c.eval_every > 0 {
+        skipped.push("validation (--val, --eval-every)");
+    }
+    if c.save_every > 0 {
+        skipped.push("intermediate checkpoints (--save-every)");
+    }
+    if !skipped.is_empty() {
+        eprintln!("note: the exported job trains and saves the final model; it does not do {}", skipped.join(" or "));
+    }
+    if let Some(note) = dropout_note(&ckpt.config) {
+        eprintln!("note: {note}; the exported job switches dropout off too");
+    }
     let staging = stage(dir, force, "job.json")?;
     let out = staging.path();
 
     // The model as the run would start it: its weights, or the seeded fresh initialisation.
-    let net = match c.init {
-        Start::Pretrained => Transformer::load(&ckpt, Device::Cpu, Kind::Float)?,
-        Start::Random => Transformer::random(&ckpt, Device::Cpu, Kind::Float, c.seed)?,
-    };
+    let net = initial_net(run, &ckpt, Device::Cpu)?;
     let record = json!({ "produced_by": format!("scalpel {} train --export", env!("CARGO_PKG_VERSION")), "exported_from": run.model, "init": c.init });
     let mut config = ckpt.config.clone();
     config["torch_dtype"] = json!("float32");

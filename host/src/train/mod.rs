@@ -19,7 +19,7 @@ mod export;
 pub use export::export;
 
 use crate::data::Dataset;
-use crate::model::checkpoint::Checkpoint;
+use crate::model::checkpoint::{Checkpoint, Dims};
 use crate::model::write::{stage, write_model, Folder, DEFAULT_SHARD_BYTES};
 use crate::recipe::RUN_RECORD;
 use crate::model::Transformer;
@@ -79,7 +79,7 @@ pub struct TrainConfig {
     pub dtype: Precision,
     /// Start from the model's weights (`pretrained`) or from a fresh initialisation of its config (`random`).
     #[arg(long, value_enum, default_value_t = TrainConfig::default().init)]
-    pub init: Start,
+    pub init: InitFrom,
     /// Validation loss every this many steps (0: only at the end).
     #[arg(long, default_value_t = TrainConfig::default().eval_every)]
     pub eval_every: u64,
@@ -107,7 +107,7 @@ impl Default for TrainConfig {
             seed: 0,
             shuffle: true,
             dtype: Precision::F32,
-            init: Start::Pretrained,
+            init: InitFrom::Pretrained,
             eval_every: 0,
             eval_windows: 16,
             save_every: 0,
@@ -131,7 +131,7 @@ pub enum Precision {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Start {
+pub enum InitFrom {
     Pretrained,
     Random,
 }
@@ -165,15 +165,18 @@ impl TrainConfig {
         }
     }
 
-    fn check(&self) -> Result<()> {
-        let positive = [("steps", self.steps as f64), ("batch", self.batch as f64), ("grad-accum", self.grad_accum as f64)];
-        for (name, v) in positive {
-            if v < 1.0 {
+    /// Refuses settings that cannot train `dims`' model, before anything is written.
+    pub fn check(&self, dims: &Dims) -> Result<()> {
+        for (name, v) in [("steps", self.steps), ("batch", self.batch as u64), ("grad-accum", self.grad_accum as u64), ("eval-windows", self.eval_windows as u64)] {
+            if v < 1 {
                 bail!("--{name} must be at least 1");
             }
         }
         if self.seq < 2 {
             bail!("--seq {}: a window needs at least 2 tokens", self.seq);
+        }
+        if self.seq > dims.context {
+            bail!("--seq {} exceeds the model's context of {} tokens: use --seq {} or less", self.seq, dims.context, dims.context);
         }
         for (name, v) in [("lr", self.lr), ("min-lr", self.min_lr), ("weight-decay", self.weight_decay), ("clip", self.clip)] {
             if !v.is_finite() || v < 0.0 {
@@ -202,7 +205,7 @@ pub struct Summary {
 }
 
 /// Trainer state kept in a checkpoint beside the weights and the optimizer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct TrainerState {
     step: u64,
     tokens: u64,
@@ -211,19 +214,42 @@ struct TrainerState {
 
 /// Starts a run in a new folder (`force`: replace an earlier run there).
 pub fn start(run: &Run, device: Device, force: bool) -> Result<Summary> {
-    run.config.check()?;
     // Everything is checked before the folder exists, so a typo leaves nothing behind.
-    let ckpt = Checkpoint::open(&run.model)?;
-    let data = open_data(run, &ckpt)?;
+    let (ckpt, data) = check(run)?;
+    if let Some(note) = dropout_note(&ckpt.config) {
+        eprintln!("note: {note}");
+    }
     let staging = stage(&run.output, force, RUN_RECORD)?;
     std::fs::write(staging.path().join(SETTINGS), serde_json::to_string_pretty(run)? + "\n")?;
     std::fs::write(staging.path().join(RUN_RECORD), serde_json::to_string_pretty(&record(run, &data)?)? + "\n")?;
     let out = staging.commit()?;
-    let net = match run.config.init {
-        Start::Pretrained => Transformer::load(&ckpt, device, Kind::Float)?,
-        Start::Random => Transformer::random(&ckpt, device, Kind::Float, run.config.seed)?,
-    };
-    train(run, &out, &ckpt, net, AdamW::new(run.config.weight_decay), &data, TrainerState { step: 0, tokens: 0, elapsed_s: 0.0 })
+    let net = initial_net(run, &ckpt, device)?;
+    train(run, &out, &ckpt, net, AdamW::new(run.config.weight_decay), &data, TrainerState::default())
+}
+
+/// The model and data of a run, with every setting checked against them.
+pub fn check(run: &Run) -> Result<(Checkpoint, Dataset)> {
+    let ckpt = Checkpoint::open(&run.model)?;
+    run.config.check(&ckpt.dims)?;
+    let data = open_data(run, &ckpt)?;
+    Ok((ckpt, data))
+}
+
+/// The network a run starts from: the model's weights, or the seeded fresh initialisation of its config.
+pub fn initial_net(run: &Run, ckpt: &Checkpoint, device: Device) -> Result<Transformer> {
+    match run.config.init {
+        InitFrom::Pretrained => Transformer::load(ckpt, device, Kind::Float),
+        InitFrom::Random => Transformer::random(ckpt, device, Kind::Float, run.config.seed),
+    }
+}
+
+/// scalpel trains without dropout, as modern pre-training does; a config that asks for some is told so.
+pub fn dropout_note(config: &Value) -> Option<String> {
+    let set: Vec<String> = ["resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout"]
+        .iter()
+        .filter_map(|k| config[*k].as_f64().filter(|&p| p > 0.0).map(|p| format!("{k} = {p}")))
+        .collect();
+    (!set.is_empty()).then(|| format!("config.json sets dropout ({}); scalpel trains without dropout", set.join(", ")))
 }
 
 /// Continues the run in `out` from its last checkpoint, with the settings it was started with.
@@ -231,21 +257,22 @@ pub fn resume(out: &Path, device: Device) -> Result<Summary> {
     let settings = out.join(SETTINGS);
     let text = std::fs::read_to_string(&settings).with_context(|| format!("{} is not a training run folder (no {SETTINGS})", out.display()))?;
     let run: Run = serde_json::from_str(&text).with_context(|| format!("{} is not a valid {SETTINGS}", settings.display()))?;
+    // The run folder is wherever it is now, even when it was moved since.
+    let run = Run { output: out.to_path_buf(), ..run };
     let ckpt_dir = out.join(CHECKPOINT);
-    let ckpt = Checkpoint::open(&run.model)?;
-    let data = open_data(&run, &ckpt)?;
-    if !ckpt_dir.join("trainer.json").exists() {
+    if !ckpt_dir.join(TRAINER_STATE).exists() {
         // Killed before its first checkpoint: start again from the beginning, in place.
         eprintln!("{} has no checkpoint yet: starting from step 0", out.display());
-        let net = match run.config.init {
-            Start::Pretrained => Transformer::load(&ckpt, device, Kind::Float)?,
-            Start::Random => Transformer::random(&ckpt, device, Kind::Float, run.config.seed)?,
-        };
-        return train(&run, out, &ckpt, net, AdamW::new(run.config.weight_decay), &data, TrainerState { step: 0, tokens: 0, elapsed_s: 0.0 });
+        let (ckpt, data) = check(&run)?;
+        let net = initial_net(&run, &ckpt, device)?;
+        return train(&run, out, &ckpt, net, AdamW::new(run.config.weight_decay), &data, TrainerState::default());
     }
-    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(ckpt_dir.join("trainer.json"))?).context("reading trainer.json")?;
+    // The checkpoint has everything the model was: resuming does not need the model it started from.
     let saved = Checkpoint::open(&ckpt_dir.join("model"))?;
+    let data = open_data(&run, &saved)?;
+    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(ckpt_dir.join(TRAINER_STATE))?).context("reading trainer.json")?;
     let net = Transformer::load(&saved, device, Kind::Float)?;
+    let ckpt = saved;
     let mut opt = AdamW::new(run.config.weight_decay);
     let names: Vec<(&str, &Tensor)> = net.params.iter().filter(|(_, t)| t.is_floating_point()).collect();
     opt.load(&ckpt_dir.join("optimizer.safetensors"), &names)?;
@@ -300,12 +327,7 @@ fn train(run: &Run, out: &Path, ckpt: &Checkpoint, mut net: Transformer, mut opt
             let value = loss.double_value(&[]);
             if !value.is_finite() {
                 bar.abandon();
-                bail!(
-                    "the loss became {value} at step {}: training stopped. The last good checkpoint (step {last_saved}) in {} is intact; \
-                     lower --lr, keep --clip on, or use --dtype f32",
-                    step + 1,
-                    out.join(CHECKPOINT).display()
-                );
+                bail!("the loss became {value} at step {}: training stopped. {}; lower --lr, keep --clip on{}", step + 1, kept(out, last_saved), if c.dtype == Precision::Bf16 { ", or train with --dtype f32" } else { "" });
             }
             (loss / c.grad_accum as f64).backward();
             loss_sum += value;
@@ -314,7 +336,7 @@ fn train(run: &Run, out: &Path, ckpt: &Checkpoint, mut net: Transformer, mut opt
         let grad_norm = clip_grad_norm(net.params.iter().map(|(_, t)| t), c.clip);
         if !grad_norm.is_finite() {
             bar.abandon();
-            bail!("the gradient norm became {grad_norm} at step {}: training stopped. The last good checkpoint (step {last_saved}) is intact", step + 1);
+            bail!("the gradient norm became {grad_norm} at step {}: training stopped. {}", step + 1, kept(out, last_saved));
         }
         opt.update(net.params.iter(), lr);
         for (_, t) in net.params.iter() {
@@ -329,12 +351,18 @@ fn train(run: &Run, out: &Path, ckpt: &Checkpoint, mut net: Transformer, mut opt
         let at_end = state.step == c.steps;
         if let Some(v) = &val {
             if at_end || (c.eval_every > 0 && state.step % c.eval_every == 0) {
+                // In float32 whatever the training precision, so rounds and the reference compare alike.
+                net.params.set_amp(None);
                 let vl = validation_loss(&net, v, c.batch)?;
+                if c.dtype == Precision::Bf16 {
+                    net.params.set_amp(Some(Kind::BFloat16));
+                }
                 line["val_loss"] = json!(vl);
                 last_val = Some(vl);
             }
         }
-        writeln!(log, "{line}")?;
+        // One write per line: a kill leaves whole lines, or at worst a torn last one that resuming drops.
+        log.write_all(format!("{line}\n").as_bytes())?;
         let rate = (state.step - first_step) as f64 * tokens_per_step as f64 / started.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!("loss {loss:.4}{}  {rate:.0} tok/s", last_val.map_or(String::new(), |v| format!("  val {v:.4}"))));
         bar.set_position(state.step);
@@ -350,7 +378,7 @@ fn train(run: &Run, out: &Path, ckpt: &Checkpoint, mut net: Transformer, mut opt
     let train_curve = plots::Curve { label: "training".into(), points: logged.iter().map(|&(s, l, _)| (s as f64, l)).collect() };
     let val_curve = plots::Curve { label: "validation".into(), points: logged.iter().filter_map(|&(s, _, v)| Some((s as f64, v?))).collect() };
     let curves: Vec<plots::Curve> = [train_curve, val_curve].into_iter().filter(|c| !c.points.is_empty()).collect();
-    plots::loss_curves(&curves, &[], &format!("{}: training loss", model_label(&run.model)), out, "loss")?;
+    plots::loss_curves(&curves, &[], &format!("{}: training loss", crate::pipeline::model_name(&run.model)), out, "loss")?;
     eprintln!(
         "trained {} steps ({} tokens) in {:.1} s: loss {last_loss:.4}{}",
         state.step,
@@ -359,6 +387,15 @@ fn train(run: &Run, out: &Path, ckpt: &Checkpoint, mut net: Transformer, mut opt
         last_val.map_or(String::new(), |v| format!(", validation loss {v:.4}"))
     );
     Ok(Summary { steps: state.step, tokens: state.tokens, final_loss: last_loss, val_loss: last_val, elapsed_s: state.elapsed_s, model: out.join("model") })
+}
+
+/// What a stopped run still has.
+fn kept(out: &Path, last_saved: u64) -> String {
+    if last_saved == 0 {
+        "No checkpoint was written yet (use --save-every to keep some)".to_string()
+    } else {
+        format!("The last good checkpoint (step {last_saved}) in {} is intact", out.join(CHECKPOINT).display())
+    }
 }
 
 /// Mean next-token loss over the validation windows, in batches.
@@ -384,9 +421,7 @@ fn open_log(out: &Path, step: u64) -> Result<std::fs::File> {
             .collect(),
         Err(_) => vec![],
     };
-    let tmp = out.join(format!(".{LOG}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, kept.concat())?;
-    std::fs::rename(&tmp, &path)?;
+    scalpel_files::write_file(&path, kept.concat().as_bytes())?;
     Ok(std::fs::OpenOptions::new().append(true).open(&path)?)
 }
 
@@ -427,7 +462,7 @@ fn save(out: &Path, ckpt: &Checkpoint, net: &Transformer, opt: &AdamW, state: &T
 fn record(run: &Run, data: &Dataset) -> Result<Value> {
     let mut inputs = serde_json::Map::new();
     for path in data.files.iter().chain([&run.model.join("config.json")]) {
-        inputs.insert(std::path::absolute(path)?.display().to_string(), Value::from(crate::pipeline::sha256(path)?));
+        inputs.insert(std::path::absolute(path)?.display().to_string(), Value::from(crate::data::sources::sha256_file(path)?));
     }
     Ok(json!({
         "produced_by": format!("scalpel {}", env!("CARGO_PKG_VERSION")),
@@ -440,6 +475,4 @@ fn record(run: &Run, data: &Dataset) -> Result<Value> {
     }))
 }
 
-fn model_label(dir: &Path) -> String {
-    dir.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
-}
+

@@ -1,9 +1,10 @@
 """Training job exported by `scalpel train --export`: the same run, on PyTorch's torchrun with FSDP2.
 
-It trains exactly what `scalpel train` would have trained: the same model (model/), the same batches in the
+It trains what `scalpel train` would have trained: the same model (model/), the same batches in the
 same order (data/order.npy indexes the token data; every rank takes its share of each batch), AdamW with the
 same β, ε and weight decay (matrices and embeddings only), the same warm-up and cosine schedule, global-norm
-clipping, and transformers' next-token loss. Parameters are sharded across ranks with FSDP2
+clipping, transformers' next-token loss, and no dropout. It does not evaluate on validation data or save
+intermediate checkpoints: it saves the final model. Parameters are sharded across ranks with FSDP2
 (`torch.distributed.fsdp.fully_shard`, one unit per decoder block plus the root).
 
 Run it with launch.sh (see README.md). Checkpoints are HF folders (out/model), which `scalpel` reads back.
@@ -76,6 +77,12 @@ def main():
 
     model = AutoModelForCausalLM.from_pretrained(HERE / "model", dtype=torch.float32, attn_implementation="sdpa").to(device)
     model.train()
+    # scalpel trains without dropout: GPT-2 configs ask for 0.1 by default.
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.0
     for block in model.base_model.layers if hasattr(model.base_model, "layers") else model.base_model.h:
         fully_shard(block)
     fully_shard(model)
