@@ -240,7 +240,7 @@ fn rounds(mut state: State, registry: &Registry, progress: &dyn Fn(&str)) -> Res
         } else if layers >= total {
             Some(format!("round {k} has {layers} layers, the reference's depth ({total})"))
         } else if k >= s.method.max_rounds {
-            Some(format!("{k} rounds ran (--max-rounds); the last has validation loss {val_loss:.4} > target {target:.4}"))
+            Some(format!("the round limit (--max-rounds {k}) is reached; the last round has validation loss {val_loss:.4} > target {target:.4}"))
         } else {
             None
         };

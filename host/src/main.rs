@@ -27,10 +27,23 @@ use model::Checkpoint;
 fn main() {
     // Before anything touches libtorch's dispatcher, so that `--device cuda` can work.
     cuda::init();
-    if let Err(e) = cli::parse().and_then(run) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    let job = match cli::parse() {
+        Ok(job) => job,
+        Err(e) => fail(&e, false),
+    };
+    let json = job.json;
+    if let Err(e) = run(job) {
+        fail(&e, json);
     }
+}
+
+/// The error and its causes on stderr; with `--json`, also as `{"error": …}` on stdout for scripts.
+fn fail(e: &anyhow::Error, json: bool) -> ! {
+    eprintln!("error: {e:#}");
+    if json {
+        println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+    }
+    std::process::exit(1);
 }
 
 fn run(job: Job) -> Result<()> {

@@ -174,6 +174,10 @@ fn settings_the_model_cannot_train_are_refused_before_anything_is_written() {
     let r = run(scalpel1().arg("train").arg(tiny("tiny-llama")).arg("--data").arg(&batches).arg("-o").arg(&out).args(["--seq", "200"])).failure();
     assert!(r.stderr.contains("--seq 200") && r.stderr.contains("context"), "{}", r.stderr);
     assert!(!out.exists(), "nothing written");
+    // With --json the error is also JSON, for scripts.
+    let r = run(scalpel1().args(["--json", "train"]).arg(tiny("tiny-llama")).arg("--data").arg(&batches).arg("-o").arg(&out).args(["--seq", "200"])).failure();
+    let v: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("--seq 200"), "{v}");
     let r = run(scalpel1().arg("generate").arg(tiny("tiny-llama")).args(["--prompt", "x", "--top-p", "0"])).failure();
     assert!(r.stderr.contains("--top-p"), "{}", r.stderr);
 }
