@@ -181,3 +181,20 @@ fn settings_the_model_cannot_train_are_refused_before_anything_is_written() {
     let r = run(scalpel1().arg("generate").arg(tiny("tiny-llama")).args(["--prompt", "x", "--top-p", "0"])).failure();
     assert!(r.stderr.contains("--top-p"), "{}", r.stderr);
 }
+
+#[test]
+fn the_cut_and_heal_recipe_profiles_cuts_and_trains_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let (batches, _) = golden("tiny-llama");
+    let recipe = repo().join("examples/recipes/cut-and-heal.toml");
+    // The example's sizes are for real models; the tiny model gets shorter windows through a copy.
+    let text = std::fs::read_to_string(&recipe).unwrap().replace("steps = 100, batch = 8, seq = 256", "steps = 4, batch = 4, seq = 32").replace("sequences = 100\ntokens = 100", "sequences = 4\ntokens = 16");
+    let copy = dir.path().join("cut-and-heal.toml");
+    std::fs::write(&copy, text).unwrap();
+    run(scalpel1().arg("run").arg(&copy).arg("--model").arg(tiny("tiny-llama")).arg("--calib").arg(&batches).arg("--data").arg(&batches).arg("-o").arg(&out)).success();
+    for file in ["reports.json", "model/config.json", "train/log.jsonl", "train/model/config.json"] {
+        assert!(out.join(file).exists(), "{file} is written");
+    }
+    assert_eq!(log(&out.join("train")).len(), 4);
+}

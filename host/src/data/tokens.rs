@@ -210,7 +210,7 @@ impl Tokens {
         let first = step.checked_mul(batch as u64).context("step * batch overflows")?;
         match &self.store {
             Store::Stream(s) => {
-                ensure!(s.len >= seq, "the token file holds {} tokens, fewer than one window of {seq}: use a shorter --seq or more text", s.len);
+                ensure!(s.len >= seq, "the token file holds {} tokens, fewer than one window of {seq}: use shorter windows (train --seq, eval --tokens) or more text", s.len);
                 if shuffle {
                     let mut rng = ChaCha8Rng::seed_from_u64(seed);
                     rng.set_stream(step);
@@ -223,7 +223,7 @@ impl Tokens {
             }
             Store::Rows(t) => {
                 let (n, width) = (t.size()[0] as u64, t.size()[1] as usize);
-                ensure!(seq <= width, "the token rows are {width} tokens long, --seq asks for {seq}: use --seq {width} or less");
+                ensure!(seq <= width, "the token rows are {width} tokens long, shorter than windows of {seq}: use windows of {width} tokens or less (train --seq, eval --tokens)");
                 let mut cache = self.permutation.lock().unwrap();
                 let mut rows = Vec::with_capacity(batch);
                 for g in first..first + batch as u64 {
@@ -262,7 +262,7 @@ impl Tokens {
         match &self.store {
             Store::Stream(s) => {
                 let n = (s.len / seq).min(max);
-                ensure!(n > 0, "the token file holds {} tokens, fewer than one window of {seq}: use a shorter --seq or more text", s.len);
+                ensure!(n > 0, "the token file holds {} tokens, fewer than one window of {seq}: use shorter windows (train --seq, eval --tokens) or more text", s.len);
                 let mut out = Vec::with_capacity(n * seq);
                 for w in 0..n {
                     s.push_window(w * seq, seq, &mut out);
@@ -271,7 +271,7 @@ impl Tokens {
             }
             Store::Rows(t) => {
                 let (n, width) = (t.size()[0], t.size()[1] as usize);
-                ensure!(seq <= width, "the token rows are {width} tokens long, --seq asks for {seq}: use --seq {width} or less");
+                ensure!(seq <= width, "the token rows are {width} tokens long, shorter than windows of {seq}: use windows of {width} tokens or less (train --seq, eval --tokens)");
                 Ok(t.narrow(0, 0, n.min(max as i64)).narrow(1, 0, seq as i64).contiguous())
             }
         }
@@ -495,7 +495,7 @@ mod tests {
         assert_eq!(ids(&t.batch(0, 2, 4, 0, false).unwrap()), vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
         // Step 2 of batch 2 takes rows 4 and 0 (wrapping), their first 3 ids.
         assert_eq!(ids(&t.batch(2, 2, 3, 0, false).unwrap()), vec![vec![16, 17, 18], vec![0, 1, 2]]);
-        assert!(t.batch(0, 1, 5, 0, false).unwrap_err().to_string().contains("--seq 4"));
+        assert!(t.batch(0, 1, 5, 0, false).unwrap_err().to_string().contains("windows of 4 tokens or less"));
         // Shuffled: each epoch (5 rows) visits every row once, in an order that depends on the seed and epoch.
         let epoch = |e: u64, seed: u64| -> Vec<i64> { (0..5).map(|s| ids(&t.batch(e * 5 + s, 1, 1, seed, true).unwrap())[0][0] / 4).collect() };
         let mut seen = epoch(0, 1);

@@ -60,6 +60,7 @@ pub struct TrainConfig {
     /// Linear warm-up steps.
     #[arg(long, default_value_t = TrainConfig::default().warmup)]
     pub warmup: u64,
+    /// After warm-up: cosine decay to --min-lr, or constant.
     #[arg(long, value_enum, default_value_t = TrainConfig::default().schedule)]
     pub schedule: Schedule,
     /// AdamW weight decay (on matrices and embeddings only).
