@@ -215,7 +215,8 @@ fn rounds(mut state: State, registry: &Registry, progress: &dyn Fn(&str)) -> Res
             let recipe = round_recipe(&s, &state, &dir)?;
             pipeline::run(&recipe, registry, &Options { force: true, ..Options::default() }, progress)?;
         }
-        let layers = Checkpoint::open(&dir.join("model"))?.dims.layers;
+        let model = Checkpoint::open(&dir.join("model"))?;
+        let layers = model.dims.layers;
         let run_dir = dir.join("train");
         let summary = if run_dir.join(train::SETTINGS).exists() {
             progress(&format!("round {k}: {layers} layers, continuing its training"));
@@ -229,7 +230,7 @@ fn rounds(mut state: State, registry: &Registry, progress: &dyn Fn(&str)) -> Res
         state.rounds.push(Round {
             round: k,
             layers,
-            parameters: Checkpoint::open(&dir.join("model"))?.parameters(),
+            parameters: model.parameters(),
             steps: summary.steps,
             tokens: summary.tokens,
             val_loss,
@@ -350,7 +351,7 @@ fn save_state(out: &Path, state: &State) -> Result<()> {
 
 /// `summary.md` and the rounds' loss curves against the reference's loss.
 fn present_files(out: &Path, state: &State) -> Result<()> {
-    std::fs::write(out.join("summary.md"), summary_table(state))?;
+    scalpel_files::write_file(&out.join("summary.md"), summary_table(state).as_bytes())?;
     let mut curves = Vec::new();
     for r in &state.rounds {
         let log = train::read_log(&out.join(format!("round-{}/train", r.round)))?;

@@ -216,11 +216,7 @@ pub fn eval(ckpt: &Checkpoint, device: Device, data: &EvalData, tokens: usize, m
     let _guard = tch::no_grad_guard();
     let (mut nll, mut count) = (0.0f64, 0usize);
     for batch in windows.split(EVAL_BATCH as i64, 0) {
-        let batch = batch.to_device(device);
-        let t = batch.size()[1];
-        let logits = net.forward(&batch)?.narrow(1, first, t - 1 - first).to_kind(Kind::Float);
-        let targets = batch.narrow(1, first + 1, t - 1 - first);
-        let per_token = logits.reshape([-1, ckpt.dims.vocab as i64]).f_cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::None, -100, 0.0)?;
+        let per_token = net.next_token_loss(&batch, first, tch::Reduction::None)?;
         nll += per_token.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
         count += per_token.numel();
         bar.inc(batch.size()[0] as u64);

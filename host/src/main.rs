@@ -82,15 +82,7 @@ fn run(job: Job) -> Result<()> {
         Task::Recipe { recipe, opts } => {
             let registry = registry();
             let finished = pipeline::run(&recipe, &registry, &opts, &|line| eprintln!("{line}"))?;
-            let input = match &recipe.model {
-                Some(m) if finished.outcome.plan.is_some() || !finished.outcome.reports.0.is_empty() => Some(Checkpoint::open(m)?),
-                _ => None,
-            };
-            let (layers, key, config) = match &input {
-                Some(c) => (c.dims.layers, c.arch.config.layers.as_str(), c.config.clone()),
-                None => (0, "", serde_json::Value::Null),
-            };
-            present::finished(&finished, layers, key, &config, job.json, opts.dry_run)
+            present::finished(&finished, job.json, opts.dry_run)
         }
         Task::InherituneResume(run) => {
             let state = inheritune::resume(&run, job.device.clone(), &registry(), &|line| eprintln!("{line}"))?;
@@ -105,7 +97,7 @@ fn run(job: Job) -> Result<()> {
         Task::Resume(run) => {
             let summary = train::resume(&run, device()?)?;
             let finished = pipeline::Finished { outcome: pipeline::Outcome::empty(), written: Some(run), trained: Some(summary) };
-            present::finished(&finished, 0, "", &serde_json::Value::Null, job.json, false)
+            present::finished(&finished, job.json, false)
         }
     }
 }

@@ -46,6 +46,9 @@ pub struct Outcome {
     pub warnings: Vec<String>,
     /// The first input layer a prefix-keeping plan removes.
     pub cut: Option<usize>,
+    /// The input model's layers, and the config key that holds their count (for the plan's summary).
+    pub input_layers: usize,
+    pub layers_key: String,
 }
 
 /// What a recipe run produced.
@@ -67,8 +70,9 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options, progress: &dyn 
     if let Some(config) = training.filter(|_| items == 0 && recipe.dtype.is_none()) {
         // A recipe that only trains is `scalpel train`: its output is the run folder.
         let run = train_run(recipe, recipe.model.clone(), recipe.output.clone(), config)?;
-        train::check(&run)?;
         if opts.dry_run {
+            // `train::start` checks the same before it writes anything.
+            train::check(&run)?;
             return Ok(Finished { outcome: Outcome::empty(), written: None, trained: None });
         }
         let summary = train::start(&run, cuda::device(recipe.device.as_deref().unwrap_or("cpu"))?, opts.force)?;
@@ -109,7 +113,7 @@ fn train_run(recipe: &Recipe, model: Option<PathBuf>, output: Option<PathBuf>, c
 
 impl Outcome {
     pub fn empty() -> Self {
-        Outcome { reports: Reports::default(), plan: None, config: None, warnings: vec![], cut: None }
+        Outcome { reports: Reports::default(), plan: None, config: None, warnings: vec![], cut: None, input_layers: 0, layers_key: String::new() }
     }
 }
 
@@ -125,7 +129,7 @@ pub fn prepare<'r>(recipe: &'r Recipe, opts: &Options) -> Result<Prepared<'r>> {
     let ckpt = Checkpoint::open(model_dir)?;
     if let Some(config) = recipe.steps.iter().find_map(|s| s.train.clone()) {
         // Surgery keeps the vocabulary and the context, so the input tells whether training can run.
-        train::check(&train_run(recipe, recipe.model.clone(), recipe.output.clone(), config)?)?;
+        train::check_against(&train_run(recipe, recipe.model.clone(), recipe.output.clone(), config)?, &ckpt)?;
     }
     if let (Some(out), Ok(input)) = (&recipe.output, model_dir.canonicalize()) {
         let out = std::path::absolute(out)?;
@@ -230,7 +234,7 @@ pub fn execute(p: &Prepared, session: &Session, registry: &Registry, progress: &
         }
         None => (None, vec![]),
     };
-    Ok(Outcome { reports, plan, config, warnings, cut })
+    Ok(Outcome { reports, plan, config, warnings, cut, input_layers: ckpt.dims.layers, layers_key: ckpt.arch.config.layers.clone() })
 }
 
 /// Writes everything into the staged output and renames it into place.

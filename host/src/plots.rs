@@ -393,6 +393,20 @@ fn emit(fig: &impl Figure, csv: String, out_dir: &Path, stem: &str) -> Result<Ve
 // Small helpers
 // ---------------------------------------------------------------------------------------------------------------
 
+/// The series legend of every figure: upper right, on a light box.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(chart: &mut ChartContext<'a, DB, CT>, z: Z) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .margin(z.i(10))
+        .legend_area_size(z.i(34))
+        .label_font(z.font(LEGEND_PX))
+        .background_style(WHITE.mix(0.9))
+        .border_style(ShapeStyle::from(&RGBColor(0xb0, 0xb0, 0xb0)).stroke_width(z.u(1)))
+        .draw()
+        .map_err(de)
+}
+
 /// Draws `title` centred in a band of `TITLE_BAND` px at the top of `root`; returns the area below it.
 fn title_band<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, z: Z) -> Result<DrawingArea<DB, Shift>> {
     let (top, body) = root.split_vertically(z.i(TITLE_BAND as i32));
@@ -855,16 +869,7 @@ impl<'a> ProfileFigure<'a> {
                 });
         }
         if legend {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .margin(z.i(10))
-                .legend_area_size(z.i(34))
-                .label_font(z.font(LEGEND_PX))
-                .background_style(WHITE.mix(0.9))
-                .border_style(line(RGBColor(0xb0, 0xb0, 0xb0), 1))
-                .draw()
-                .map_err(de)?;
+            draw_legend(&mut chart, z)?;
         }
         Ok(())
     }
@@ -1558,16 +1563,6 @@ impl Figure for LossFigure<'_> {
                 .label(format!("{name}: {}", fmt_num(*v)))
                 .legend(move |(x, y)| DashedPathElement::new(vec![(x, y), (x + lw, y)], z.i(6), z.i(4), line(colour, 2)));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .margin(z.i(10))
-            .legend_area_size(z.i(34))
-            .label_font(z.font(LEGEND_PX))
-            .background_style(WHITE.mix(0.9))
-            .border_style(line(RGBColor(0xb0, 0xb0, 0xb0), 1))
-            .draw()
-            .map_err(de)?;
-        Ok(())
+        draw_legend(&mut chart, z)
     }
 }

@@ -6,12 +6,13 @@ use crate::plugins;
 use anyhow::Result;
 use scalpel_sdk::abi::ItemManifest;
 use scalpel_sdk::{Plan, Reports};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::Path;
 
 /// A recipe run: the profile and the analyzers' notes, the plan, what was written and trained.
-pub fn finished(f: &Finished, ckpt_layers: usize, layers_key: &str, input_config: &Value, json: bool, dry_run: bool) -> Result<()> {
+pub fn finished(f: &Finished, json: bool, dry_run: bool) -> Result<()> {
     let o = &f.outcome;
+    let (ckpt_layers, layers_key) = (o.input_layers, o.layers_key.as_str());
     if json {
         // One JSON document per part, as each part has always printed: the reports, the plan, the training.
         if !o.reports.0.is_empty() {
@@ -45,7 +46,7 @@ pub fn finished(f: &Finished, ckpt_layers: usize, layers_key: &str, input_config
         for w in &o.warnings {
             println!("  note: {w}");
         }
-        println!("  config.json: {layers_key} {} -> {}", input_config[layers_key], config[layers_key]);
+        println!("  config.json: {layers_key} {ckpt_layers} -> {}", config[layers_key]);
     }
     if dry_run {
         println!("dry run: nothing written");

@@ -166,14 +166,20 @@ impl Transformer {
     /// Mean cross-entropy of predicting token t+1 from tokens ≤ t over windows `[batch, T]`: what
     /// transformers returns with `labels = input_ids`. A scalar (float32), differentiable.
     pub fn loss(&self, ids: &Tensor) -> Result<Tensor> {
+        self.next_token_loss(ids, 0, Reduction::Mean)
+    }
+
+    /// Cross-entropy (float32) of every token after position `first`, predicted from the tokens before it:
+    /// per token (`Reduction::None`) or their mean. `first` = 1 leaves a leading BOS as context only.
+    pub fn next_token_loss(&self, ids: &Tensor, first: i64, reduction: Reduction) -> Result<Tensor> {
         let ids = ids.to_device(self.device);
         let t = ids.size()[1];
-        if t < 2 {
-            bail!("a window needs at least 2 tokens to predict one");
+        if t < first + 2 {
+            bail!("a window needs at least {} tokens to predict one", first + 2);
         }
-        let logits = self.forward(&ids)?.narrow(1, 0, t - 1).to_kind(Kind::Float);
-        let targets = ids.narrow(1, 1, t - 1).reshape([-1]);
-        Ok(logits.reshape([-1, self.dims.vocab as i64]).f_cross_entropy_loss::<Tensor>(&targets, None, Reduction::Mean, -100, 0.0)?)
+        let logits = self.forward(&ids)?.narrow(1, first, t - 1 - first).to_kind(Kind::Float);
+        let targets = ids.narrow(1, first + 1, t - 1 - first).reshape([-1]);
+        Ok(logits.reshape([-1, self.dims.vocab as i64]).f_cross_entropy_loss::<Tensor>(&targets, None, reduction, -100, 0.0)?)
     }
 
     /// A cache for `generate`.

@@ -130,6 +130,16 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// The kind matrix products run in under mixed precision; `None`: everything in float32.
+    fn amp(self) -> Option<Kind> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(Kind::BFloat16),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum InitFrom {
@@ -231,9 +241,14 @@ pub fn start(run: &Run, device: Device, force: bool) -> Result<Summary> {
 /// The model and data of a run, with every setting checked against them.
 pub fn check(run: &Run) -> Result<(Checkpoint, Dataset)> {
     let ckpt = Checkpoint::open(&run.model)?;
-    run.config.check(&ckpt.dims)?;
-    let data = open_data(run, &ckpt)?;
+    let data = check_against(run, &ckpt)?;
     Ok((ckpt, data))
+}
+
+/// The settings checked against an opened model (the run's, or one with its vocabulary and context), and the data.
+pub fn check_against(run: &Run, ckpt: &Checkpoint) -> Result<Dataset> {
+    run.config.check(&ckpt.dims)?;
+    open_data(run, ckpt)
 }
 
 /// The network a run starts from: the model's weights, or the seeded fresh initialisation of its config.
@@ -300,9 +315,7 @@ fn open_data(run: &Run, ckpt: &Checkpoint) -> Result<Dataset> {
 fn train(run: &Run, out: &Path, ckpt: &Checkpoint, mut net: Transformer, mut opt: AdamW, data: &Dataset, mut state: TrainerState) -> Result<Summary> {
     let c = &run.config;
     net.params.train();
-    if c.dtype == Precision::Bf16 {
-        net.params.set_amp(Some(Kind::BFloat16));
-    }
+    net.params.set_amp(c.dtype.amp());
     let mut log = open_log(out, state.step)?;
     let val = match &data.val {
         Some(v) => Some(v.windows(c.seq, c.eval_windows)?),
@@ -355,9 +368,7 @@ fn train(run: &Run, out: &Path, ckpt: &Checkpoint, mut net: Transformer, mut opt
                 // In float32 whatever the training precision, so rounds and the reference compare alike.
                 net.params.set_amp(None);
                 let vl = validation_loss(&net, v, c.batch)?;
-                if c.dtype == Precision::Bf16 {
-                    net.params.set_amp(Some(Kind::BFloat16));
-                }
+                net.params.set_amp(c.dtype.amp());
                 line["val_loss"] = json!(vl);
                 last_val = Some(vl);
             }
