@@ -35,7 +35,7 @@ enum Command {
     Plugins,
     /// Show an item's description and its config fields with types, defaults and docs.
     Describe {
-        /// An analyzer or strategy name, e.g. attn-rank.
+        /// An analyzer or strategy name, e.g. cutoff.
         name: String,
     },
     /// Family, layers, heads, sizes, dtype and tokenizer of an HF model folder (or what a GGUF file holds).
@@ -112,7 +112,7 @@ enum Command {
     Analyze {
         /// An HF model folder (config.json + safetensors).
         model: PathBuf,
-        /// Analyzers to run, in order (default: attn-rank, attn-mass, attn-entropy).
+        /// Analyzers to run, in order (default: those the loaded plugins mark as default; `scalpel plugins` shows them).
         #[arg(long = "analyzer", short = 'a')]
         analyzers: Vec<String>,
         #[command(flatten)]
@@ -135,6 +135,9 @@ enum Command {
         reports: Option<PathBuf>,
         #[command(flatten)]
         common: StepArgs,
+        /// Calibration for the analyzers a strategy needs when no --reports has them (run first, once).
+        #[command(flatten)]
+        calib: CalibArgs,
         /// Store the new model as f32, f16 or bf16 (default: as the input).
         #[arg(long)]
         dtype: Option<String>,
@@ -167,6 +170,45 @@ enum Command {
         export: Option<PathBuf>,
         #[command(flatten)]
         config: TrainConfig,
+    },
+    /// Compare recipes on one model: analyzed once, the same calibration and evaluation windows, the same healing.
+    ///
+    /// Without --calib the analyzers calibrate on the first -n evaluation windows (their first -t tokens).
+    Compare {
+        /// An HF model folder (config.json + safetensors).
+        model: PathBuf,
+        /// The recipes to compare (their strategies and analyzers; the model is the one given here).
+        #[arg(long, num_args = 1.., required = true)]
+        recipes: Vec<PathBuf>,
+        /// Evaluation data: a text file (tokenized with the model's tokenizer), or tokenized data (a
+        /// `scalpel data tokenize` folder, an llm.c .bin, [N, T] .safetensors/.npy ids).
+        #[arg(long)]
+        eval: PathBuf,
+        /// Tokens per evaluation window.
+        #[arg(long, default_value_t = 128)]
+        eval_tokens: usize,
+        /// Evaluation windows (0: all the data gives).
+        #[arg(long, default_value_t = 64)]
+        eval_windows: usize,
+        /// More analyzers for the profile figure, beyond those the recipes run or need.
+        #[arg(long = "analyzer", short = 'a')]
+        analyzers: Vec<String>,
+        #[command(flatten)]
+        calib: CalibArgs,
+        /// Train every method this many steps on --data before evaluating it again (0: zero-shot only).
+        #[arg(long, default_value_t = 0)]
+        heal_steps: u64,
+        /// Training data for healing.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// A training setting for healing, KEY=VALUE as in a recipe's `train` step (repeatable), e.g. lr=1e-4.
+        #[arg(long = "heal-set", value_name = "KEY=VALUE")]
+        heal_sets: Vec<String>,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Replace an existing output folder written by scalpel.
+        #[arg(long)]
+        force: bool,
     },
     /// The Inheritune loop: profile the reference, inherit its first l blocks, train, compare, grow, train again.
     Inheritune {
@@ -326,6 +368,13 @@ struct CalibArgs {
 }
 
 
+impl CalibArgs {
+    fn calibration(&self) -> Option<Calibration> {
+        let c = self.calib.clone()?;
+        Some(Calibration { file: c, sequences: self.sequences, tokens: self.tokens, seed: self.seed, bos: self.bos })
+    }
+}
+
 /// What to do, validated.
 pub struct Job {
     /// `--device`, when given (a recipe may name its own).
@@ -347,12 +396,13 @@ pub enum Task {
     /// `analyze`, `apply`, `train` and `run`: one pipeline.
     Recipe { recipe: Recipe, opts: Options },
     /// Print a recipe instead of running it.
-    PrintRecipe(Recipe),
+    PrintRecipe { recipe: Recipe, opts: Options },
     Resume(PathBuf),
     Data(crate::data::Request),
     /// `train --export`: the run as a torchrun job.
     Export { run: crate::train::Run, dir: PathBuf, force: bool },
     InherituneResume(PathBuf),
+    Compare(crate::compare::Compare),
 }
 
 fn long_version() -> String {
@@ -370,8 +420,8 @@ pub fn parse() -> Result<Job> {
     let cli = Cli::parse();
     // A bad --device fails before any work.
     cuda::device(cli.device.as_deref().unwrap_or("cpu"))?;
-    let opts = |out: &OutputArgs, maps| Options { dry_run: out.dry_run, force: out.force, maps };
-    let recipe_task = |recipe: Recipe, print: bool, opts: Options| if print { Task::PrintRecipe(recipe) } else { Task::Recipe { recipe, opts } };
+    let opts = |out: &OutputArgs, maps| Options { dry_run: out.dry_run, force: out.force, maps, default_analyzers: false };
+    let recipe_task = |recipe: Recipe, print: bool, opts: Options| if print { Task::PrintRecipe { recipe, opts } } else { Task::Recipe { recipe, opts } };
     let task = match cli.command {
         Command::Plugins => Task::Plugins,
         Command::Describe { name } => Task::Describe(name),
@@ -404,15 +454,16 @@ pub fn parse() -> Result<Job> {
             }
         }),
         Command::Analyze { model, analyzers, common, calib, maps } => {
-            let names = if analyzers.is_empty() { DEFAULT_ANALYZERS.iter().map(|s| s.to_string()).collect() } else { analyzers };
-            let steps = steps(&names, false, &common.sets)?;
-            let calibration = calib.calib.map(|file| Calibration { file, sequences: calib.sequences, tokens: calib.tokens, seed: calib.seed, bos: calib.bos });
+            let steps = steps(&analyzers, false, &common.sets)?;
+            let calibration = calib.calibration();
             let recipe = Recipe { model: Some(model), output: common.out.output.clone(), device: cli.device.clone(), calibration, steps, ..Recipe::default() };
-            recipe_task(recipe, common.print_recipe, opts(&common.out, maps))
+            let opts = Options { default_analyzers: analyzers.is_empty(), ..opts(&common.out, maps) };
+            recipe_task(recipe, common.print_recipe, opts)
         }
-        Command::Apply { model, strategies, reports, common, dtype } => {
+        Command::Apply { model, strategies, reports, common, calib, dtype } => {
             let steps = steps(&strategies, true, &common.sets)?;
-            let recipe = Recipe { model: Some(model), output: common.out.output.clone(), device: cli.device.clone(), dtype, reports, steps, ..Recipe::default() };
+            let calibration = calib.calibration();
+            let recipe = Recipe { model: Some(model), output: common.out.output.clone(), device: cli.device.clone(), dtype, reports, calibration, steps, ..Recipe::default() };
             recipe_task(recipe, common.print_recipe, opts(&common.out, vec![]))
         }
         Command::Train { resume: Some(run), .. } => Task::Resume(run),
@@ -422,10 +473,27 @@ pub fn parse() -> Result<Job> {
             Task::Export { run, dir, force }
         }
         Command::Train { model, data, val, output, resume: None, force, print_recipe, config, .. } => {
-            let step = Step { analyzer: None, strategy: None, train: Some(config), config: serde_json::json!({}) };
+            let step = Step::train(config);
             let recipe = Recipe { model, output, device: cli.device.clone(), data, val, steps: vec![step], ..Recipe::default() };
             let out = OutputArgs { output: None, dry_run: false, force };
             recipe_task(recipe, print_recipe, opts(&out, vec![]))
+        }
+        Command::Compare { model, recipes, eval, eval_tokens, eval_windows, analyzers, calib, heal_steps, data, heal_sets, output, force } => {
+            let heal = match (heal_steps, data) {
+                (0, _) => None,
+                (steps, Some(data)) => {
+                    let mut table = settings_table(&heal_sets)?;
+                    table["steps"] = steps.into();
+                    let config: TrainConfig = serde_json::from_value(table).context("--heal-set")?;
+                    Some((config, data))
+                }
+                (_, None) => bail!("--heal-steps trains every method: give the training data with --data"),
+            };
+            let calibration = calib.calibration();
+            let sampling = crate::calib::Sampling { sequences: calib.sequences, tokens: calib.tokens, seed: calib.seed, bos: calib.bos };
+            let eval = EvalData::from_path(eval, calib.bos);
+            let device = cli.device.clone();
+            Task::Compare(crate::compare::Compare { model, recipes, analyzers, calibration, sampling, eval, eval_tokens, eval_windows, heal, output, force, device })
         }
         Command::Inheritune { resume: Some(run), .. } => Task::InherituneResume(run),
         Command::Inheritune { reference, data, val, output, resume: None, start, grow, max_rounds, growth, target, calib, cut, cut_sets, grow_with, grow_sets, force, print_recipe, train } => {
@@ -441,7 +509,7 @@ pub fn parse() -> Result<Job> {
                 grow_config: settings_table(&grow_sets)?,
             };
             let calibration = calib.map(|file| Calibration { file, sequences: 100, tokens: 100, seed: 0, bos: false });
-            let step = Step { analyzer: None, strategy: None, train: Some(train), config: serde_json::json!({}) };
+            let step = Step::train(train);
             let recipe = Recipe { model: reference, data, val, output, calibration, device: cli.device.clone(), inheritune: Some(method), steps: vec![step], ..Recipe::default() };
             let out = OutputArgs { output: None, dry_run: false, force };
             recipe_task(recipe, print_recipe, opts(&out, vec![]))
@@ -463,20 +531,9 @@ pub fn parse() -> Result<Job> {
 }
 
 
-/// The paper's three measurements.
-const DEFAULT_ANALYZERS: [&str; 3] = ["attn-rank", "attn-mass", "attn-entropy"];
-
 /// One step per item, with `--set` values routed to their item.
 fn steps(names: &[String], strategies: bool, sets: &[String]) -> Result<Vec<Step>> {
-    let mut steps: Vec<Step> = names
-        .iter()
-        .map(|n| Step {
-            analyzer: (!strategies).then(|| n.clone()),
-            strategy: strategies.then(|| n.clone()),
-            train: None,
-            config: serde_json::json!({}),
-        })
-        .collect();
+    let mut steps: Vec<Step> = names.iter().map(|n| if strategies { Step::strategy(n, serde_json::json!({})) } else { Step::analyzer(n) }).collect();
     for set in sets {
         let (key, value) = set.split_once('=').with_context(|| format!("--set {set}: expected KEY=VALUE"))?;
         let (item, key) = match key.rsplit_once('.') {

@@ -290,14 +290,12 @@ fn start(s: &Settings, force: bool, progress: &dyn Fn(&str)) -> Result<State> {
 /// The recipe that makes round `k`'s model: inherit from the reference (round 1, or `restart`), or grow
 /// the previous round's trained model (`warm`).
 fn round_recipe(s: &Settings, state: &State, dir: &Path) -> Result<Recipe> {
-    let strategy = |name: &str, config: Value| Step { analyzer: None, strategy: Some(name.to_string()), train: None, config };
-    let analyzer = |name: &str| Step { analyzer: Some(name.to_string()), strategy: None, train: None, config: json!({}) };
     let mut recipe = Recipe { output: Some(dir.to_path_buf()), device: s.device.clone(), ..Recipe::default() };
     let previous = state.rounds.last();
     match (previous, s.method.growth) {
         (Some(prev), Growth::Warm) => {
             recipe.model = Some(s.output.join(format!("round-{}", prev.round)).join("train/model"));
-            recipe.steps.push(strategy(&s.method.grow_with, grow_config(s, prev.layers, state.reference_layers)?));
+            recipe.steps.push(Step::strategy(&s.method.grow_with, grow_config(s, prev.layers, state.reference_layers)?));
         }
         _ => {
             recipe.model = Some(s.reference.clone());
@@ -311,16 +309,16 @@ fn round_recipe(s: &Settings, state: &State, dir: &Path) -> Result<Recipe> {
             match keep {
                 Some(l) => config["keep"] = json!(l),
                 None => {
-                    // The paper's rule on the reference's profile, L/2 when it finds no trailing lazy run.
+                    // The strategy's own rule on the reference's profile (the analyzers it needs run first),
+                    // L/2 when it finds nothing.
                     let file = s.calib.clone().unwrap_or_else(|| s.output.join("calibration.safetensors"));
                     recipe.calibration = Some(Calibration { file, sequences: 100, tokens: 100, seed: 0, bos: false });
-                    recipe.steps.extend([analyzer("attn-rank"), analyzer("attn-mass")]);
                     if config.get("fallback").is_none() {
                         config["fallback"] = json!("half");
                     }
                 }
             }
-            recipe.steps.push(strategy(&s.method.cut, config));
+            recipe.steps.push(Step::strategy(&s.method.cut, config));
         }
     }
     Ok(recipe)

@@ -182,6 +182,7 @@ pub fn check_vocab(ids: &[i64], vocab: usize, what: &str) -> Result<()> {
 const EVAL_BATCH: usize = 8;
 
 /// What `eval` reads: windows of a text file, or windows of tokenized data.
+#[derive(Debug, Clone)]
 pub enum EvalData {
     /// Consecutive windows of `tokens` tokens (BOS first when `bos`).
     Text { path: PathBuf, bos: bool },
@@ -189,7 +190,34 @@ pub enum EvalData {
     Tokens(PathBuf),
 }
 
+impl EvalData {
+    /// Text unless the path is tokenized data: a folder, an llm.c `.bin`, or `.safetensors` / `.npy` ids.
+    pub fn from_path(path: PathBuf, bos: bool) -> Self {
+        let tokens = path.is_dir() || path.extension().is_some_and(|e| e == "bin" || e == "safetensors" || e == "npy");
+        if tokens {
+            EvalData::Tokens(path)
+        } else {
+            EvalData::Text { path, bos }
+        }
+    }
+}
+
 pub fn eval(ckpt: &Checkpoint, device: Device, data: &EvalData, tokens: usize, max_windows: usize, json: bool) -> Result<()> {
+    let (windows, first) = eval_windows(ckpt, data, tokens, max_windows)?;
+    let net = Transformer::load(ckpt, device, Kind::Float)?;
+    let (mean, count) = mean_nll(&net, &windows, first)?;
+    let n = windows.size()[0];
+    if json {
+        println!("{}", serde_json::to_string_pretty(&json!({ "windows": n, "tokens": count, "mean_nll": mean, "perplexity": mean.exp() }))?);
+    } else {
+        println!("{n} windows, {count} predicted tokens: mean NLL {mean:.4} nats/token, perplexity {:.2}", mean.exp());
+    }
+    Ok(())
+}
+
+/// The evaluation windows `[n, tokens]` of `data` for this model, and the first position that is predicted
+/// from (1 when a BOS leads every window: it is context only, never a target).
+pub fn eval_windows(ckpt: &Checkpoint, data: &EvalData, tokens: usize, max_windows: usize) -> Result<(Tensor, i64)> {
     if tokens < 2 {
         bail!("--tokens {tokens}: a window needs at least 2 tokens (one to predict from, one to predict)");
     }
@@ -209,7 +237,11 @@ pub fn eval(ckpt: &Checkpoint, device: Device, data: &EvalData, tokens: usize, m
     };
     let ids: Vec<i64> = Vec::try_from(windows.flatten(0, 1))?;
     check_vocab(&ids, ckpt.dims.vocab, "the evaluation data")?;
-    let net = Transformer::load(ckpt, device, Kind::Float)?;
+    Ok((windows, first))
+}
+
+/// Mean next-token NLL (nats per predicted token) of `net` over `windows`, and the number of predicted tokens.
+pub fn mean_nll(net: &Transformer, windows: &Tensor, first: i64) -> Result<(f64, usize)> {
     let n = windows.size()[0] as usize;
     let bar = ProgressBar::new(n as u64).with_style(ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} windows, {eta} left").unwrap());
     bar.set_message("eval");
@@ -226,12 +258,7 @@ pub fn eval(ckpt: &Checkpoint, device: Device, data: &EvalData, tokens: usize, m
     if !mean.is_finite() {
         bail!("the mean NLL is not finite: the model produces NaN or infinite logits");
     }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&json!({ "windows": n, "tokens": count, "mean_nll": mean, "perplexity": mean.exp() }))?);
-    } else {
-        println!("{n} windows, {count} predicted tokens: mean NLL {mean:.4} nats/token, perplexity {:.2}", mean.exp());
-    }
-    Ok(())
+    Ok((mean, count))
 }
 
 /// Consecutive windows of a text file, `[n, tokens]`, each starting with BOS when asked.

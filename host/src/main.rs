@@ -4,6 +4,7 @@
 
 mod calib;
 mod cli;
+mod compare;
 mod cuda;
 mod data;
 mod gguf;
@@ -70,7 +71,10 @@ fn run(job: Job) -> Result<()> {
         }
         Task::Eval { model, data, tokens, windows } => inspect::eval(&Checkpoint::open(&model)?, device()?, &data, tokens, windows, job.json),
         Task::DeviceCheck { model, windows, tokens } => inspect::device_check(&Checkpoint::open(&model)?, device()?, windows, tokens, job.json),
-        Task::PrintRecipe(recipe) => {
+        Task::PrintRecipe { mut recipe, opts } => {
+            if opts.default_analyzers {
+                recipe::add_default_analyzers(&mut recipe, &registry())?;
+            }
             print!("{}", recipe.to_toml()?);
             Ok(())
         }
@@ -79,10 +83,17 @@ fn run(job: Job) -> Result<()> {
             let state = inheritune::run(settings, &registry(), opts.force, &|line| eprintln!("{line}"))?;
             present::inheritune(&state, job.json)
         }
-        Task::Recipe { recipe, opts } => {
+        Task::Recipe { mut recipe, opts } => {
             let registry = registry();
+            if opts.default_analyzers {
+                recipe::add_default_analyzers(&mut recipe, &registry)?;
+            }
             let finished = pipeline::run(&recipe, &registry, &opts, &|line| eprintln!("{line}"))?;
             present::finished(&finished, job.json, opts.dry_run)
+        }
+        Task::Compare(c) => {
+            let comparison = compare::run(&c, &registry(), &|line| eprintln!("{line}"))?;
+            present::comparison(&comparison, &c.output, job.json)
         }
         Task::InherituneResume(run) => {
             let state = inheritune::resume(&run, job.device.clone(), &registry(), &|line| eprintln!("{line}"))?;

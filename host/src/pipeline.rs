@@ -44,8 +44,6 @@ pub struct Outcome {
     pub config: Option<Value>,
     /// For the user: how the plan carries index-dependent settings, what is initialised afresh.
     pub warnings: Vec<String>,
-    /// The first input layer a prefix-keeping plan removes.
-    pub cut: Option<usize>,
     /// The input model's layers, and the config key that holds their count (for the plan's summary).
     pub input_layers: usize,
     pub layers_key: String,
@@ -82,7 +80,7 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options, progress: &dyn 
     let (windows, staging) = (prepared.windows.take(), prepared.staging.take());
     let session = Session::new(&prepared.ckpt, prepared.device, windows);
     progress(&format!("{} ({} layers) on {}", prepared.ckpt.dir.display(), prepared.ckpt.dims.layers, session.info().device));
-    let outcome = execute(&prepared, &session, registry, progress)?;
+    let outcome = execute(recipe, std::mem::take(&mut prepared.reports), prepared.dtype, &session, registry, progress)?;
     let written = match staging {
         Some(staging) => Some(write(&prepared, staging, &session, &outcome, registry, opts)?),
         None => None,
@@ -113,7 +111,7 @@ fn train_run(recipe: &Recipe, model: Option<PathBuf>, output: Option<PathBuf>, c
 
 impl Outcome {
     pub fn empty() -> Self {
-        Outcome { reports: Reports::default(), plan: None, config: None, warnings: vec![], cut: None, input_layers: 0, layers_key: String::new() }
+        Outcome { reports: Reports::default(), plan: None, config: None, warnings: vec![], input_layers: 0, layers_key: String::new() }
     }
 }
 
@@ -137,7 +135,8 @@ pub fn prepare<'r>(recipe: &'r Recipe, opts: &Options) -> Result<Prepared<'r>> {
             bail!("the output {} holds the input model {}: choose an output outside it", out.display(), input.display());
         }
     }
-    let needs_calibration = recipe.steps.iter().any(|s| s.analyzer.is_some());
+    // Strategies may need analyzers run for them (their `needs`), so any item step may use the windows.
+    let needs_calibration = recipe.steps.iter().any(|s| s.train.is_none());
     let windows = match (&recipe.calibration, needs_calibration) {
         (Some(c), true) => {
             let tokenizer = || Tokenizer::for_model(model_dir, &ckpt.arch.family);
@@ -183,6 +182,14 @@ fn check_steps(recipe: &Recipe, registry: &Registry) -> Result<()> {
             StepKind::Train(_) => trains += 1,
         }
     }
+    let first_strategy = recipe.steps.iter().position(|s| s.strategy.is_some());
+    if let Some((i, name)) = recipe.steps.iter().enumerate().skip(first_strategy.unwrap_or(usize::MAX)).find_map(|(i, s)| Some((i, s.analyzer.as_ref()?))) {
+        bail!(
+            "step {} (`{name}`) analyzes after a strategy: it would see a planned model that is not written yet. \
+             Analyze first, or split the recipe: apply it with -o DIR, then analyze DIR/model",
+            i + 1
+        );
+    }
     if trains > 1 {
         bail!("the recipe has {trains} train steps: one run trains once (use `scalpel inheritune` for rounds)");
     }
@@ -190,27 +197,28 @@ fn check_steps(recipe: &Recipe, registry: &Registry) -> Result<()> {
 }
 
 /// Analyzers report and strategies plan, in recipe order.
-pub fn execute(p: &Prepared, session: &Session, registry: &Registry, progress: &dyn Fn(&str)) -> Result<Outcome> {
-    let ckpt = &p.ckpt;
-    let mut reports = p.reports.clone();
+/// `reports`: those given with the recipe (or computed once for several recipes, as `compare` does).
+pub fn execute(recipe: &Recipe, mut reports: Reports, dtype: Option<Dtype>, session: &Session, registry: &Registry, progress: &dyn Fn(&str)) -> Result<Outcome> {
+    let ckpt = session.ckpt;
     let mut plan: Option<Plan> = None;
-    for step in &p.recipe.steps {
+    for step in &recipe.steps {
         let Some((name, kind)) = step.item() else { continue };
         let item = registry.get(name, Some(kind))?;
         let started = Instant::now();
         progress(&format!("{kind} {name} …"));
         match kind {
-            ItemKind::Analyzer => {
-                let out = item.call(session, &step.config, &json!({}))?;
-                let mut report: Report = serde_json::from_value(out).with_context(|| format!("`{name}` returned a malformed report"))?;
-                report.analyzer = name.to_string();
-                check_report(&report, ckpt.dims.layers)?;
-                reports.insert(report);
-            }
+            ItemKind::Analyzer => reports.insert(analyze(&item, session, &step.config)?),
             ItemKind::Strategy => {
+                let missing: Vec<String> = item.needs(&step.config)?.into_iter().filter(|n| reports.get(n).is_err()).collect();
+                for need in &missing {
+                    // On the input model; a later strategy reads it through the plan so far, like every report.
+                    progress(&format!("analyzer {need} (needed by {name}) …"));
+                    reports.insert(analyze(&registry.get(need, Some(ItemKind::Analyzer))?, session, &json!({}))?);
+                }
+                // A later strategy sees the planned model, and the reports as they read for it.
                 let next: Plan = match &plan {
                     None => call_strategy(&item, session, step, &reports)?,
-                    Some(p) => call_strategy(&item, &Planned::new(session, p), step, &reports)?,
+                    Some(p) => call_strategy(&item, &Planned::new(session, p), step, &reports.through(p))?,
                 };
                 let current = plan.as_ref().map_or(ckpt.dims.layers, |p| p.layers.len());
                 next.validate(current).with_context(|| format!("strategy `{name}` made an invalid plan"))?;
@@ -222,19 +230,18 @@ pub fn execute(p: &Prepared, session: &Session, registry: &Registry, progress: &
         }
         progress(&format!("{kind} {name} done in {:.1} s", started.elapsed().as_secs_f64()));
     }
-    if plan.is_none() && p.dtype.is_some() {
+    if plan.is_none() && dtype.is_some() {
         // A conversion: every block kept as it is.
-        plan = Some(Plan::identity(ckpt.dims.layers).note(format!("stored as {}", p.recipe.dtype.as_deref().unwrap_or_default())));
+        plan = Some(Plan::identity(ckpt.dims.layers).note(format!("stored as {}", recipe.dtype.as_deref().unwrap_or_default())));
     }
-    let cut = plan.as_ref().and_then(|p| first_removed(p, ckpt.dims.layers));
     let (config, warnings) = match &plan {
         Some(plan) => {
-            let (config, warnings) = surgery::resulting_config(ckpt, plan, p.dtype)?;
+            let (config, warnings) = surgery::resulting_config(ckpt, plan, dtype)?;
             (Some(config), warnings)
         }
         None => (None, vec![]),
     };
-    Ok(Outcome { reports, plan, config, warnings, cut, input_layers: ckpt.dims.layers, layers_key: ckpt.arch.config.layers.clone() })
+    Ok(Outcome { reports, plan, config, warnings, input_layers: ckpt.dims.layers, layers_key: ckpt.arch.config.layers.clone() })
 }
 
 /// Writes everything into the staged output and renames it into place.
@@ -245,13 +252,13 @@ pub fn write(p: &Prepared, staging: StagedDir, session: &Session, outcome: &Outc
     let reports = &outcome.reports;
     if !reports.0.is_empty() {
         std::fs::write(out.join("reports.json"), serde_json::to_string_pretty(reports)? + "\n")?;
-        write_figures(reports, session, outcome.cut, &model_name(model_dir), out, &opts.maps)?;
+        write_figures(reports, session, outcome.plan.as_ref(), &model_name(model_dir), out, &opts.maps)?;
     }
     if let Some(ids) = session.calibration_ids() {
         // The exact windows, so that anyone can rerun this analysis with `--calib calibration.safetensors`.
         Tensor::write_safetensors(&[("input_ids", ids)], out.join("calibration.safetensors"))?;
     }
-    let record = record(recipe, registry, ckpt, session.info(), outcome.plan.as_ref())?;
+    let record = record(recipe, registry, ckpt, session.info(), outcome.plan.as_ref(), &outcome.reports)?;
     std::fs::write(out.join("recipe.toml"), recipe.to_toml()?)?;
     std::fs::write(out.join(RUN_RECORD), serde_json::to_string_pretty(&record)? + "\n")?;
     if let (Some(plan), Some(config)) = (&outcome.plan, &outcome.config) {
@@ -260,6 +267,16 @@ pub fn write(p: &Prepared, staging: StagedDir, session: &Session, outcome: &Outc
         write_model(&out.join("model"), false, folder, tensors, DEFAULT_SHARD_BYTES)?;
     }
     staging.commit()
+}
+
+/// Runs an analyzer on the session's model and checks its report.
+pub fn analyze(item: &crate::plugins::ItemRef, session: &Session, config: &Value) -> Result<Report> {
+    let name = &item.item.name;
+    let out = item.call(session, config, &json!({}))?;
+    let mut report: Report = serde_json::from_value(out).with_context(|| format!("`{name}` returned a malformed report"))?;
+    report.analyzer = name.to_string();
+    check_report(&report, session.info().layers)?;
+    Ok(report)
 }
 
 fn call_strategy(item: &crate::plugins::ItemRef, model: &dyn ModelSource, step: &Step, reports: &Reports) -> Result<Plan> {
@@ -280,26 +297,57 @@ fn check_report(r: &Report, layers: usize) -> Result<()> {
     Ok(())
 }
 
-/// The first input layer a plan leaves out, when it keeps a prefix and drops the rest.
-fn first_removed(plan: &Plan, layers: usize) -> Option<usize> {
-    let kept = plan.sources();
-    (0..layers).find(|l| !kept.contains(l)).filter(|&c| kept.iter().all(|&k| k < c))
-}
-
 /// A model folder's name, for figure titles and labels.
 pub fn model_name(dir: &Path) -> String {
     dir.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
 }
 
+/// The one profile figure of a set of reports: each report's presentation names its profile metrics,
+/// its title and the layers it flags; a report without one contributes its first metric.
+pub fn merged_profile(reports: &[Report], label: &str) -> (Report, Vec<String>, String) {
+    let mut metrics = Vec::new();
+    let mut titles: Vec<String> = Vec::new();
+    let mut mark = None;
+    for r in reports {
+        match &r.present {
+            Some(p) => {
+                metrics.extend(p.profile.iter().filter(|m| r.get(m).is_ok()).cloned());
+                if !titles.contains(&p.title) {
+                    titles.push(p.title.clone());
+                }
+                mark = mark.or_else(|| p.mark.clone());
+            }
+            None => metrics.extend(r.metrics.first().map(|m| m.name.clone())),
+        }
+    }
+    let title = if titles.is_empty() { "layer profile".to_string() } else { titles.join(", ") };
+    let present = scalpel_sdk::Presentation { title: title.clone(), profile: metrics.clone(), mark, attention_maps_by: None };
+    let merged = Report {
+        analyzer: label.to_string(),
+        metrics: reports.iter().flat_map(|r| r.metrics.clone()).collect(),
+        notes: vec![],
+        extra: json!({ "label": label }),
+        present: Some(present),
+    };
+    (merged, metrics, title)
+}
+
+/// The input layers a plan leaves out, as a figure marks them.
+pub fn removal(label: &str, plan: &Plan, layers: usize) -> plots::Removal {
+    let kept = plan.sources();
+    plots::Removal { label: label.to_string(), layers: (0..layers).filter(|l| !kept.contains(l)).collect() }
+}
+
 /// Figures of what the analyzers found, with the CSV behind each.
-fn write_figures(reports: &Reports, session: &Session, cut: Option<usize>, model: &str, out: &Path, maps: &[(usize, usize)]) -> Result<()> {
+fn write_figures(reports: &Reports, session: &Session, plan: Option<&Plan>, model: &str, out: &Path, maps: &[(usize, usize)]) -> Result<()> {
     let all: Vec<Report> = reports.0.values().cloned().collect();
-    // One model: every analyzer's metrics on the same axes, labelled with the model's name.
-    let merged = Report { analyzer: model.to_string(), metrics: all.iter().flat_map(|r| r.metrics.clone()).collect(), notes: vec![], extra: json!({ "label": model }) };
-    let preferred: Vec<&str> = ["max_rank", "avg_mass"].into_iter().filter(|m| merged.get(m).is_ok()).collect();
-    let chosen: Vec<&str> = if preferred.is_empty() { merged.metrics.iter().map(|m| m.name.as_str()).take(2).collect() } else { preferred };
+    // One model: every analyzer's profile metrics on the same axes, labelled with the model's name.
+    let (merged, chosen, title) = merged_profile(&all, model);
+    let info = session.info();
+    let removals: Vec<plots::Removal> = plan.map(|p| removal("the plan", p, info.layers)).into_iter().collect();
     if !chosen.is_empty() {
-        plots::layer_profile(std::slice::from_ref(&merged), &chosen, cut, &format!("{model}: attention profile"), out, "profile")?;
+        let chosen: Vec<&str> = chosen.iter().map(String::as_str).collect();
+        plots::layer_profile(std::slice::from_ref(&merged), &chosen, &removals, &format!("{model}: {title}"), out, "profile")?;
     }
     for r in &all {
         for m in r.metrics.iter().filter(|m| m.per_head.is_some()) {
@@ -308,11 +356,15 @@ fn write_figures(reports: &Reports, session: &Session, cut: Option<usize>, model
             plots::head_heatmap(r, &m.name, &title, out, &stem)?;
         }
     }
-    let info = session.info();
-    if session.calibration_ids().is_none() {
-        return Ok(()); // attention maps need activations: weight-only analyses and saved reports have none
+    // Attention maps when a report about attention asks for them (or the user names heads), and activations exist.
+    let by = all.iter().find_map(|r| {
+        let metric = r.present.as_ref()?.attention_maps_by.as_ref()?;
+        r.get(metric).ok()?.per_head.clone()
+    });
+    if session.calibration_ids().is_none() || (by.is_none() && maps.is_empty()) {
+        return Ok(());
     }
-    let maps = if maps.is_empty() { default_maps(reports, info.layers) } else { maps.to_vec() };
+    let maps = if maps.is_empty() { default_maps(by.as_deref(), info.layers) } else { maps.to_vec() };
     let mut panels = Vec::new();
     for &(layer, head) in &maps {
         if layer >= info.layers || head >= info.heads {
@@ -327,10 +379,10 @@ fn write_figures(reports: &Reports, session: &Session, cut: Option<usize>, model
     Ok(())
 }
 
-/// The first and last layers' head 0, and the heads of lowest and highest rank, when a rank report exists.
-fn default_maps(reports: &Reports, layers: usize) -> Vec<(usize, usize)> {
+/// The first and last layers' head 0, and the heads of lowest and highest value of the per-head metric.
+fn default_maps(per_head: Option<&[Vec<f64>]>, layers: usize) -> Vec<(usize, usize)> {
     let mut maps = vec![(0, 0)];
-    if let Some(per_head) = reports.get("attn-rank").ok().and_then(|r| r.get("max_rank").ok()).and_then(|m| m.per_head.as_ref()) {
+    if let Some(per_head) = per_head {
         let cells = per_head.iter().enumerate().flat_map(|(l, hs)| hs.iter().enumerate().map(move |(h, &v)| (v, l, h)));
         let by_value = |a: &(f64, usize, usize), b: &(f64, usize, usize)| a.0.total_cmp(&b.0);
         maps.extend(cells.clone().min_by(by_value).map(|(_, l, h)| (l, h)));
@@ -343,22 +395,28 @@ fn default_maps(reports: &Reports, layers: usize) -> Vec<(usize, usize)> {
     maps
 }
 
-/// What produced an output: the recipe, the plugins that ran, checksums of the inputs.
-fn record(recipe: &Recipe, registry: &Registry, ckpt: &Checkpoint, info: &ModelInfo, plan: Option<&Plan>) -> Result<Value> {
+/// What produced an output: the recipe (its paths absolute), the plugins that ran, and the checksum of every
+/// input the result depends on (weights, config, calibration data, reports given to it).
+pub fn record(recipe: &Recipe, registry: &Registry, ckpt: &Checkpoint, info: &ModelInfo, plan: Option<&Plan>, reports: &Reports) -> Result<Value> {
     let mut plugins = serde_json::Map::new();
-    for (name, kind) in recipe.steps.iter().filter_map(Step::item) {
-        let it = registry.get(name, Some(kind))?;
-        plugins.insert(name.into(), json!({ "plugin": it.plugin.manifest.plugin, "version": it.plugin.manifest.version, "library": it.plugin.path }));
+    let ran = recipe.steps.iter().filter_map(Step::item).map(|(n, _)| n).chain(reports.0.keys().map(String::as_str));
+    for name in ran {
+        // Reports read from a file may come from plugins that are not loaded now.
+        if let Ok(it) = registry.get(name, None) {
+            plugins.insert(name.into(), json!({ "plugin": it.plugin.manifest.plugin, "version": it.plugin.manifest.version, "library": it.plugin.path }));
+        }
     }
     let mut inputs = serde_json::Map::new();
-    for path in ckpt.shard_paths().map(Path::to_path_buf).chain([ckpt.dir.join("config.json")]).chain(recipe.calibration.as_ref().map(|c| c.file.clone())) {
+    let files = ckpt.shard_paths().map(Path::to_path_buf).chain([ckpt.dir.join("config.json")]);
+    for path in files.chain(recipe.calibration.as_ref().map(|c| c.file.clone())).chain(recipe.reports.clone()) {
+        let path = std::path::absolute(&path)?;
         inputs.insert(path.display().to_string(), Value::from(crate::data::sources::sha256_file(&path)?));
     }
     Ok(json!({
         "produced_by": format!("scalpel {}", env!("CARGO_PKG_VERSION")),
         "libtorch": scalpel_sdk::LIBTORCH_VERSION,
         "command": std::env::args().collect::<Vec<_>>(),
-        "recipe": recipe,
+        "recipe": recipe.with_absolute_paths()?,
         "plugins": plugins,
         "inputs_sha256": inputs,
         "calibration": info.calibration,
@@ -413,5 +471,8 @@ impl ModelSource for Planned<'_> {
     }
     fn hidden(&self, _: usize) -> Result<Tensor> {
         bail!("hidden states of a planned, unwritten model are not available: write it (-o DIR) and analyze the result")
+    }
+    fn loss(&self, _: &[usize]) -> Result<f64> {
+        bail!("the loss of a planned, unwritten model is not available: write it (-o DIR) and analyze the result")
     }
 }

@@ -2,7 +2,8 @@
 //! figure shows, in long format).
 //!
 //! - [`layer_profile`]: the kind of Fig. 1 of Inheritune (arXiv 2404.08634): one panel per metric against the
-//!   layer index, ±1 s.d. band, lazy layers marked, the cut as a dashed line.
+//!   layer index, ±1 s.d. band, layers the report flags marked, the cut as a dashed line (or, for several
+//!   methods, a row of markers per method under the curves).
 //! - [`head_heatmap`]: a metric's `per_head` values, layers × heads, viridis colour map with a colour bar.
 //! - [`attention_maps`]: attention matrices as images (the kind of the paper's Fig. 2), a grid of panels.
 //!
@@ -39,9 +40,6 @@ const TITLE_BAND: u32 = 54;
 /// The PNG is drawn at this many times its size and then averaged down: antialiased lines, edges and text.
 const SUPERSAMPLE: u32 = 3;
 
-/// A layer is lazy (the paper's definition) when every head is rank 1, i.e. `max_rank` is 1.
-const LAZY_MAX_RANK: f64 = 1.0 + 1e-9;
-
 /// Matplotlib's tab10: distinct, print-friendly line colours.
 const PALETTE: [RGBColor; 10] = [
     RGBColor(0x1f, 0x77, 0xb4),
@@ -56,29 +54,36 @@ const PALETTE: [RGBColor; 10] = [
     RGBColor(0x17, 0xbe, 0xcf),
 ];
 const GRID: RGBColor = RGBColor(0xe4, 0xe4, 0xe4);
-const LAZY_SHADE: RGBColor = RGBColor(0xdc, 0xdc, 0xdc);
+const FLAG_SHADE: RGBColor = RGBColor(0xdc, 0xdc, 0xdc);
 const AXIS: RGBColor = RGBColor(0x30, 0x30, 0x30);
 
 // ---------------------------------------------------------------------------------------------------------------
 // Public API
 // ---------------------------------------------------------------------------------------------------------------
 
-/// The paper's Fig. 1 kind: one panel per metric (e.g. `max_rank`, `avg_mass`) against the layer index, one
-/// line per report, the per-layer spread as a ±1 s.d. band, lazy layers marked (shaded when there is one report,
-/// ringed otherwise) and a vertical dashed line just before `cut`, the first removed layer, when given.
+/// Input layers a method removes, marked on every panel of a layer profile.
+#[derive(Debug, Clone)]
+pub struct Removal {
+    pub label: String,
+    pub layers: Vec<usize>,
+}
+
+/// The paper's Fig. 1 kind: one panel per metric against the layer index, one line per report, the per-layer
+/// spread as a ±1 s.d. band, the layers a report flags (its presentation's `mark`) shaded when there is one
+/// report, ringed otherwise. One removal that drops a suffix of the layers is a dashed cut line; several are
+/// rows of markers under the curves, one per method.
 ///
 /// A report's legend label is `extra.label`, else `extra.model`, else its analyzer name, else `report i`.
-/// Lazy layers come from the report's `lazy` metric (non-zero = lazy) if it has one, else from `max_rank` = 1.
-/// Writes `{stem}.svg`, `{stem}.png`, `{stem}.csv` (`report,metric,layer,value,spread,lazy`) into `out_dir`.
+/// Writes `{stem}.svg`, `{stem}.png`, `{stem}.csv` (`report,metric,layer,value,spread,flagged`) into `out_dir`.
 pub fn layer_profile(
     reports: &[Report],
     metrics: &[&str],
-    cut: Option<usize>,
+    removals: &[Removal],
     title: &str,
     out_dir: &Path,
     stem: &str,
 ) -> Result<Vec<PathBuf>> {
-    let fig = ProfileFigure::new(reports, metrics, cut, title).context("layer profile")?;
+    let fig = ProfileFigure::new(reports, metrics, removals, title).context("layer profile")?;
     let csv = fig.csv();
     emit(&fig, csv, out_dir, stem).context("layer profile")
 }
@@ -607,8 +612,8 @@ struct ProfileSeries<'a> {
     label: String,
     values: &'a [f64],
     spread: Option<&'a [f64]>,
-    /// `[layer]`, when the report says which layers are lazy.
-    lazy: Option<Vec<bool>>,
+    /// `[layer]`, when the report flags layers.
+    flagged: Option<Vec<bool>>,
 }
 
 struct ProfilePanel<'a> {
@@ -619,7 +624,12 @@ struct ProfilePanel<'a> {
 
 struct ProfileFigure<'a> {
     title: String,
+    /// The first removed layer, when one removal drops a suffix.
     cut: Option<usize>,
+    /// Removals drawn as marker rows (when `cut` does not describe them).
+    removals: Vec<Removal>,
+    /// What the flagged layers are, for the legend.
+    flag_label: String,
     /// Largest layer count over the reports.
     layers: usize,
     panels: Vec<ProfilePanel<'a>>,
@@ -641,14 +651,6 @@ fn report_label(r: &Report, i: usize) -> String {
     }
 }
 
-/// Which layers of `r` are lazy, when it says: its `lazy` metric, else `max_rank` = 1.
-fn lazy_layers(r: &Report) -> Option<Vec<bool>> {
-    if let Ok(m) = r.get("lazy") {
-        return Some(m.per_layer.iter().map(|&v| v != 0.0 && !v.is_nan()).collect());
-    }
-    r.get("max_rank").ok().map(|m| m.per_layer.iter().map(|&v| v <= LAZY_MAX_RANK).collect())
-}
-
 /// Checks that `values` are all finite; the error names what and where.
 fn check_finite(values: &[f64], what: impl Fn(usize) -> String) -> Result<()> {
     if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
@@ -668,7 +670,7 @@ fn metric_caption(m: &Metric) -> String {
 }
 
 impl<'a> ProfileFigure<'a> {
-    fn new(reports: &'a [Report], metrics: &'a [&'a str], cut: Option<usize>, title: &str) -> Result<Self> {
+    fn new(reports: &'a [Report], metrics: &'a [&'a str], removals: &[Removal], title: &str) -> Result<Self> {
         ensure!(!reports.is_empty(), "no reports to plot");
         ensure!(!metrics.is_empty(), "no metrics chosen to plot");
         let base: Vec<String> = reports.iter().enumerate().map(|(i, r)| report_label(r, i)).collect();
@@ -677,7 +679,11 @@ impl<'a> ProfileFigure<'a> {
             .enumerate()
             .map(|(i, l)| if base.iter().filter(|b| *b == l).count() > 1 { format!("{l} (#{i})") } else { l.clone() })
             .collect();
-        let lazy: Vec<Option<Vec<bool>>> = reports.iter().map(lazy_layers).collect();
+        let flagged: Vec<Option<Vec<bool>>> = reports.iter().map(Report::marked_layers).collect();
+        let flag_label = reports
+            .iter()
+            .find_map(|r| Some(r.present.as_ref()?.mark.as_ref()?.label.clone()))
+            .unwrap_or_else(|| "flagged layer".into());
         let mut panels = Vec::new();
         let mut layers = 0;
         for &name in metrics {
@@ -703,15 +709,23 @@ impl<'a> ProfileFigure<'a> {
                     label: rname.clone(),
                     values: &m.per_layer,
                     spread: m.per_layer_spread.as_deref(),
-                    lazy: lazy[i].clone(),
+                    flagged: flagged[i].clone(),
                 });
             }
             panels.push(ProfilePanel { metric: name, caption: caption.unwrap_or_else(|| name.to_string()), series });
         }
-        if let Some(c) = cut {
-            ensure!(c <= layers, "cut at layer {c}, but the reports have only {layers} layers (0..{layers})");
+        for r in removals {
+            if let Some(&l) = r.layers.iter().find(|&&l| l >= layers) {
+                bail!("`{}` removes layer {l}, but the reports have only {layers} layers (0..{layers})", r.label);
+            }
         }
-        Ok(ProfileFigure { title: title.to_string(), cut, layers, panels })
+        // One removal of a suffix reads best as a cut line.
+        let cut = match removals {
+            [r] if !r.layers.is_empty() && r.layers.iter().copied().eq(r.layers[0]..layers) => Some(r.layers[0]),
+            _ => None,
+        };
+        let removals = if cut.is_some() { vec![] } else { removals.iter().filter(|r| !r.layers.is_empty()).cloned().collect() };
+        Ok(ProfileFigure { title: title.to_string(), cut, removals, flag_label, layers, panels })
     }
 
     fn grid(&self) -> (usize, usize) {
@@ -721,13 +735,13 @@ impl<'a> ProfileFigure<'a> {
     }
 
     fn csv(&self) -> String {
-        let mut out = String::from("report,metric,layer,value,spread,lazy\n");
+        let mut out = String::from("report,metric,layer,value,spread,flagged\n");
         for p in &self.panels {
             for s in &p.series {
                 for (l, v) in s.values.iter().enumerate() {
                     let spread = s.spread.map(|sp| sp[l].to_string()).unwrap_or_default();
-                    let lazy = s.lazy.as_ref().and_then(|z| z.get(l)).map(|b| b.to_string()).unwrap_or_default();
-                    let _ = writeln!(out, "{},{},{l},{v},{spread},{lazy}", csv_field(&s.label), csv_field(p.metric));
+                    let flagged = s.flagged.as_ref().and_then(|z| z.get(l)).map(|b| b.to_string()).unwrap_or_default();
+                    let _ = writeln!(out, "{},{},{l},{v},{spread},{flagged}", csv_field(&s.label), csv_field(p.metric));
                 }
             }
         }
@@ -756,6 +770,9 @@ impl<'a> ProfileFigure<'a> {
         let (lo, hi) = padded(lo, hi);
         let hi = hi + 0.06 * (hi - lo);
         let lo = if lo < 0.0 { lo - 0.04 * (hi - lo) } else { lo };
+        // A band under the curves with one row of markers per removal.
+        let row = 0.07 * (hi - lo);
+        let lo = lo - row * self.removals.len() as f64;
         let (w, _) = area.dim_in_pixel();
         let max_ticks = ((w as f64 / z.0) as usize / 45).clamp(4, 25);
 
@@ -772,20 +789,20 @@ impl<'a> ProfileFigure<'a> {
         let (lw, lh) = (z.i(24), z.i(7));
         let single = p.series.len() == 1;
         // Lazy layers of a single report: shaded columns behind everything.
-        let mut any_lazy = false;
+        let mut any_flagged = false;
         if single {
-            if let Some(lazy) = &p.series[0].lazy {
-                let cols: Vec<usize> = (0..p.series[0].values.len()).filter(|&l| lazy.get(l) == Some(&true)).collect();
-                any_lazy = !cols.is_empty();
+            if let Some(flagged) = &p.series[0].flagged {
+                let cols: Vec<usize> = (0..p.series[0].values.len()).filter(|&l| flagged.get(l) == Some(&true)).collect();
+                any_flagged = !cols.is_empty();
                 let anno =
                     chart
                         .draw_series(cols.iter().map(|&l| {
-                            Rectangle::new([(l as f64 - 0.5, lo), (l as f64 + 0.5, hi)], LAZY_SHADE.filled())
+                            Rectangle::new([(l as f64 - 0.5, lo), (l as f64 + 0.5, hi)], FLAG_SHADE.filled())
                         }))
                         .map_err(de)?;
-                if any_lazy {
-                    anno.label("lazy layer (MaxRank = 1)")
-                        .legend(move |(x, y)| Rectangle::new([(x, y - lh), (x + lw, y + lh)], LAZY_SHADE.filled()));
+                if any_flagged {
+                    anno.label(self.flag_label.clone())
+                        .legend(move |(x, y)| Rectangle::new([(x, y - lh), (x + lw, y + lh)], FLAG_SHADE.filled()));
                 }
             }
         }
@@ -834,10 +851,10 @@ impl<'a> ProfileFigure<'a> {
                 chart.draw_series(pts.iter().map(|&p| Circle::new(p, z.u(4), c.filled()))).map_err(de)?;
             }
             if !single {
-                if let Some(lazy) = &s.lazy {
+                if let Some(flagged) = &s.flagged {
                     let rings: Vec<(f64, f64)> =
-                        pts.iter().enumerate().filter(|(l, _)| lazy.get(*l) == Some(&true)).map(|(_, &p)| p).collect();
-                    any_lazy |= !rings.is_empty();
+                        pts.iter().enumerate().filter(|(l, _)| flagged.get(*l) == Some(&true)).map(|(_, &p)| p).collect();
+                    any_flagged |= !rings.is_empty();
                     chart.draw_series(rings.into_iter().map(|p| Circle::new(p, z.u(8), line(c, 2)))).map_err(de)?;
                 }
             }
@@ -851,12 +868,22 @@ impl<'a> ProfileFigure<'a> {
                 .label("±1 s.d. over sequences")
                 .legend(move |(x, y)| Rectangle::new([(x, y - lh), (x + lw, y + lh)], swatch.filled()));
         }
-        if !single && any_lazy {
+        if !single && any_flagged {
             chart
                 .draw_series(std::iter::empty::<Circle<(f64, f64), u32>>())
                 .map_err(de)?
-                .label("lazy layer (MaxRank = 1)")
+                .label(self.flag_label.clone())
                 .legend(move |(x, y)| Circle::new((x + lw / 2, y), z.u(8), line(AXIS, 2)));
+        }
+        for (k, r) in self.removals.iter().enumerate() {
+            let c = PALETTE[(p.series.len() + k) % PALETTE.len()];
+            let y = lo + row * (k as f64 + 0.5);
+            let marks = r.layers.iter().map(move |&l| TriangleMarker::new((l as f64, y), z.u(6), c.filled()));
+            chart
+                .draw_series(marks)
+                .map_err(de)?
+                .label(format!("removed by {}", r.label))
+                .legend(move |(x, y)| TriangleMarker::new((x + lw / 2, y), z.u(6), c.filled()));
         }
         if let Some(c) = self.cut {
             let x = c as f64 - 0.5;
@@ -1179,6 +1206,11 @@ impl Figure for MapsFigure<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use scalpel_sdk::{LayerMark, Presentation};
+
+    fn cut(first: usize, layers: usize) -> Vec<Removal> {
+        vec![Removal { label: "cut".into(), layers: (first..layers).collect() }]
+    }
 
     /// A GPT-2-Medium-like profile: rank peaks early, deep layers collapse to rank 1.
     fn synthetic_report(analyzer: &str, layers: usize, heads: usize, seed: u64) -> Report {
@@ -1199,22 +1231,30 @@ mod tests {
                 mass_head[l][h] = 1.0 + 0.6 * r * rnd();
             }
         }
-        let max_rank: Vec<f64> = per_head.iter().map(|r| r.iter().copied().fold(0.0, f64::max)).collect();
-        let avg_mass: Vec<f64> = mass_head.iter().map(|r| r.iter().sum::<f64>() / heads as f64).collect();
-        let spread_r: Vec<f64> = max_rank.iter().map(|v| if *v <= 1.0 { 0.0 } else { 0.15 * v }).collect();
-        let spread_m: Vec<f64> = avg_mass.iter().map(|v| 0.1 * v).collect();
+        let rank: Vec<f64> = per_head.iter().map(|r| r.iter().copied().fold(0.0, f64::max)).collect();
+        let mass: Vec<f64> = mass_head.iter().map(|r| r.iter().sum::<f64>() / heads as f64).collect();
+        let spread_r: Vec<f64> = rank.iter().map(|v| if *v <= 1.0 { 0.0 } else { 0.15 * v }).collect();
+        let spread_m: Vec<f64> = mass.iter().map(|v| 0.1 * v).collect();
+        let flag: Vec<f64> = rank.iter().map(|&v| f64::from(u8::from(v <= 1.0))).collect();
         Report {
             analyzer: analyzer.into(),
             metrics: vec![
-                Metric::per_layer("max_rank", max_rank)
+                Metric::per_layer("rank", rank)
                     .about("max over heads of rank k* (τ = 0.9)")
                     .spread(spread_r)
                     .heads(per_head, None),
-                Metric::per_layer("avg_mass", avg_mass)
+                Metric::per_layer("mass", mass)
                     .about("mean over heads of mass m* (η = 0.9)")
                     .spread(spread_m)
                     .heads(mass_head, None),
+                Metric::per_layer("flag", flag),
             ],
+            present: Some(Presentation {
+                title: "attention".into(),
+                profile: vec!["rank".into(), "mass".into()],
+                mark: Some(LayerMark { metric: "flag".into(), label: "rank-1 layer".into() }),
+                attention_maps_by: None,
+            }),
             ..Report::default()
         }
     }
@@ -1273,22 +1313,22 @@ mod tests {
         let a = synthetic_report("attention_rank", 24, 16, 1);
         let b = synthetic_report("attention_rank", 12, 16, 2);
         let paths =
-            layer_profile(&[a.clone(), b], &["max_rank", "avg_mass"], Some(12), "GPT-2 Medium", dir.path(), "profile")
+            layer_profile(&[a.clone(), b], &["rank", "mass"], &cut(12, 24), "GPT-2 Medium", dir.path(), "profile")
                 .unwrap();
         check_outputs(&paths, dir.path(), "profile");
         assert_eq!(png_size(&paths[1]), (1240, 600));
         assert_eq!(csv_rows(&paths[2]), 2 * (24 + 12));
         let csv = std::fs::read_to_string(&paths[2]).unwrap();
-        assert!(csv.starts_with("report,metric,layer,value,spread,lazy\n"));
+        assert!(csv.starts_with("report,metric,layer,value,spread,flagged\n"));
         // Same analyzer twice: labels are told apart.
-        assert!(csv.contains("attention_rank (#0),max_rank,0,") && csv.contains("attention_rank (#1),avg_mass,11,"));
-        assert!(csv.lines().any(|l| l.starts_with("attention_rank (#0),max_rank,23,1,0,true")));
+        assert!(csv.contains("attention_rank (#0),rank,0,") && csv.contains("attention_rank (#1),mass,11,"));
+        assert!(csv.lines().any(|l| l.starts_with("attention_rank (#0),rank,23,1,0,true")));
 
-        let paths = layer_profile(&[a], &["max_rank"], None, "one", dir.path(), "single").unwrap();
+        let paths = layer_profile(&[a], &["rank"], &[], "one", dir.path(), "single").unwrap();
         assert_eq!(png_size(&paths[1]), (1000, 600));
         assert_eq!(csv_rows(&paths[2]), 24);
         let svg = std::fs::read_to_string(&paths[0]).unwrap();
-        assert!(svg.contains("layer index") && svg.contains("max_rank"));
+        assert!(svg.contains("layer index") && svg.contains("rank"));
     }
 
     #[test]
@@ -1297,29 +1337,29 @@ mod tests {
         let r = synthetic_report("attention_rank", 8, 4, 3);
         let err = |res: Result<Vec<PathBuf>>| format!("{:#}", res.unwrap_err());
 
-        let e = err(layer_profile(std::slice::from_ref(&r), &["max_rank", "entropy"], None, "t", dir.path(), "x"));
-        assert!(e.contains("`entropy`") && e.contains("max_rank"), "{e}");
+        let e = err(layer_profile(std::slice::from_ref(&r), &["rank", "entropy"], &[], "t", dir.path(), "x"));
+        assert!(e.contains("`entropy`") && e.contains("rank"), "{e}");
 
         let mut nan = r.clone();
         nan.metrics[1].per_layer[5] = f64::NAN;
-        let e = err(layer_profile(&[nan], &["avg_mass"], None, "t", dir.path(), "x"));
-        assert!(e.contains("`avg_mass`") && e.contains("layer 5") && e.contains("NaN"), "{e}");
+        let e = err(layer_profile(&[nan], &["mass"], &[], "t", dir.path(), "x"));
+        assert!(e.contains("`mass`") && e.contains("layer 5") && e.contains("NaN"), "{e}");
 
         let mut nan = r.clone();
         nan.metrics[0].per_layer_spread.as_mut().unwrap()[2] = f64::NAN;
-        let e = err(layer_profile(&[nan], &["max_rank"], None, "t", dir.path(), "x"));
-        assert!(e.contains("spread of metric `max_rank`") && e.contains("layer 2"), "{e}");
+        let e = err(layer_profile(&[nan], &["rank"], &[], "t", dir.path(), "x"));
+        assert!(e.contains("spread of metric `rank`") && e.contains("layer 2"), "{e}");
 
         let mut empty = r.clone();
-        empty.metrics[0] = Metric::per_layer("max_rank", vec![]);
-        let e = err(layer_profile(&[empty], &["max_rank"], None, "t", dir.path(), "x"));
-        assert!(e.contains("`max_rank`") && e.contains("no per-layer values"), "{e}");
+        empty.metrics[0] = Metric::per_layer("rank", vec![]);
+        let e = err(layer_profile(&[empty], &["rank"], &[], "t", dir.path(), "x"));
+        assert!(e.contains("`rank`") && e.contains("no per-layer values"), "{e}");
 
-        let e = err(layer_profile(std::slice::from_ref(&r), &["max_rank"], Some(9), "t", dir.path(), "x"));
-        assert!(e.contains("cut at layer 9"), "{e}");
-        assert!(err(layer_profile(&[], &["max_rank"], None, "t", dir.path(), "x")).contains("no reports"));
-        assert!(err(layer_profile(std::slice::from_ref(&r), &[], None, "t", dir.path(), "x")).contains("no metrics"));
-        assert!(err(layer_profile(&[r], &["max_rank"], None, "t", dir.path(), "a/b")).contains("invalid file stem"));
+        let e = err(layer_profile(std::slice::from_ref(&r), &["rank"], &cut(9, 10), "t", dir.path(), "x"));
+        assert!(e.contains("removes layer 9") && e.contains("only 8 layers"), "{e}");
+        assert!(err(layer_profile(&[], &["rank"], &[], "t", dir.path(), "x")).contains("no reports"));
+        assert!(err(layer_profile(std::slice::from_ref(&r), &[], &[], "t", dir.path(), "x")).contains("no metrics"));
+        assert!(err(layer_profile(&[r], &["rank"], &[], "t", dir.path(), "a/b")).contains("invalid file stem"));
         // Nothing written by any failed call.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
@@ -1328,13 +1368,13 @@ mod tests {
     fn plots_head_heatmap_files_sizes_rows() {
         let dir = tempfile::tempdir().unwrap();
         let r = synthetic_report("attention_rank", 12, 12, 4);
-        let paths = head_heatmap(&r, "max_rank", "rank per head", dir.path(), "heads").unwrap();
+        let paths = head_heatmap(&r, "rank", "rank per head", dir.path(), "heads").unwrap();
         check_outputs(&paths, dir.path(), "heads");
         assert_eq!(png_size(&paths[1]), (1000, 600));
         assert_eq!(csv_rows(&paths[2]), 12 * 12);
         // Constant values (every head rank 1) still render.
-        let flat = Report::new().metric(Metric::per_layer("max_rank", vec![1.0; 3]).heads(vec![vec![1.0; 5]; 3], None));
-        let paths = head_heatmap(&flat, "max_rank", "flat", dir.path(), "flat").unwrap();
+        let flat = Report::new().metric(Metric::per_layer("rank", vec![1.0; 3]).heads(vec![vec![1.0; 5]; 3], None));
+        let paths = head_heatmap(&flat, "rank", "flat", dir.path(), "flat").unwrap();
         assert_eq!(csv_rows(&paths[2]), 15);
     }
 
@@ -1350,11 +1390,11 @@ mod tests {
         assert!(e.contains("`bi`") && e.contains("no per-head values"), "{e}");
         let mut nan = r.clone();
         nan.metrics[0].per_head.as_mut().unwrap()[3][2] = f64::NAN;
-        let e = err(head_heatmap(&nan, "max_rank", "t", dir.path(), "x"));
-        assert!(e.contains("`max_rank`") && e.contains("layer 3 head 2") && e.contains("NaN"), "{e}");
+        let e = err(head_heatmap(&nan, "rank", "t", dir.path(), "x"));
+        assert!(e.contains("`rank`") && e.contains("layer 3 head 2") && e.contains("NaN"), "{e}");
         let mut ragged = r;
         ragged.metrics[0].per_head.as_mut().unwrap()[1].pop();
-        let e = err(head_heatmap(&ragged, "max_rank", "t", dir.path(), "x"));
+        let e = err(head_heatmap(&ragged, "rank", "t", dir.path(), "x"));
         assert!(e.contains("layer 1 has 3 heads"), "{e}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
@@ -1424,8 +1464,8 @@ mod tests {
         b.extra = serde_json::json!({ "label": "Inheritune (12 layers)" });
         layer_profile(
             &[a.clone()],
-            &["max_rank", "avg_mass"],
-            Some(12),
+            &["rank", "mass"],
+            &cut(12, 24),
             "GPT-2 Medium: attention rank and mass per layer",
             &dir,
             "profile",
@@ -1433,17 +1473,17 @@ mod tests {
         .unwrap();
         layer_profile(
             &[a.clone(), b],
-            &["max_rank", "avg_mass"],
-            Some(12),
+            &["rank", "mass"],
+            &cut(12, 24),
             "reference vs. inherited",
             &dir,
             "profile-two",
         )
         .unwrap();
-        layer_profile(&[a.clone()], &["max_rank"], None, "MaxRank", &dir, "profile-one").unwrap();
-        head_heatmap(&a, "max_rank", "GPT-2 Medium: rank k* per head", &dir, "heatmap").unwrap();
+        layer_profile(&[a.clone()], &["rank"], &[], "rank only", &dir, "profile-one").unwrap();
+        head_heatmap(&a, "rank", "GPT-2 Medium: rank k* per head", &dir, "heatmap").unwrap();
         let small = synthetic_report("attention_rank", 12, 12, 9);
-        head_heatmap(&small, "avg_mass", "GPT-2 small: mass m* per head", &dir, "heatmap-small").unwrap();
+        head_heatmap(&small, "mass", "GPT-2 small: mass m* per head", &dir, "heatmap-small").unwrap();
         let t = 64;
         let maps: Vec<(String, usize, Vec<f32>)> =
             [("identity", 0, 3), ("previous", 2, 7), ("uniform", 5, 1), ("sink", 20, 4)]

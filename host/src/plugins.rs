@@ -107,6 +107,11 @@ impl Registry {
         self.items.values().map(|&(p, i)| ItemRef { plugin: &self.plugins[p], item: &self.plugins[p].manifest.items[i] })
     }
 
+    /// The analyzers `scalpel analyze` runs when none is named: those their plugins mark as default.
+    pub fn default_analyzers(&self) -> Vec<String> {
+        self.items().filter(|it| it.item.kind == ItemKind::Analyzer && it.item.by_default).map(|it| it.item.name.clone()).collect()
+    }
+
     /// The item called `name`, of the given kind when one is given.
     pub fn get(&self, name: &str, kind: Option<ItemKind>) -> Result<ItemRef<'_>> {
         if let Some(clash) = self.clashes.get(name) {
@@ -135,6 +140,15 @@ impl ItemRef<'_> {
         let out = abi::call_item(self.plugin.module, &self.item.name, model, &config.to_string(), &reports.to_string())
             .with_context(|| format!("{} `{}` (plugin {}) failed", self.item.kind, self.item.name, self.plugin.manifest.plugin))?;
         serde_json::from_str(&out).with_context(|| format!("`{}` returned malformed JSON", self.item.name))
+    }
+
+    /// The analyzers a strategy reads with `config` (none for an analyzer).
+    pub fn needs(&self, config: &serde_json::Value) -> Result<Vec<String>> {
+        if self.item.kind != ItemKind::Strategy {
+            return Ok(vec![]);
+        }
+        abi::item_needs(self.plugin.module, &self.item.name, &config.to_string())
+            .with_context(|| format!("strategy `{}` (plugin {}) failed", self.item.name, self.plugin.manifest.plugin))
     }
 }
 

@@ -78,6 +78,16 @@ pub fn inheritune(state: &crate::inheritune::State, json: bool) -> Result<()> {
     written(&state.settings.output)
 }
 
+/// The table of a comparison and the files it wrote.
+pub fn comparison(c: &crate::compare::Comparison, output: &Path, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(c)?);
+        return Ok(());
+    }
+    println!("\n{}", crate::compare::markdown_table(c));
+    written(output)
+}
+
 /// The files of an output folder, one line per stem: `profile.{csv,png,svg}`.
 pub fn written(dest: &Path) -> Result<()> {
     println!("\nwritten to {}:", dest.display());

@@ -28,11 +28,24 @@ pub struct Recipe {
     pub data: Option<PathBuf>,
     /// Validation data for a `train` step (default: the data's own validation split).
     pub val: Option<PathBuf>,
+    /// For `scalpel compare`: how to read the method's result (default: `retrain` for a fresh model, else `zero-shot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regime: Option<Regime>,
     /// Run the Inheritune loop (`model` is the reference; the `train` step trains each round).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inheritune: Option<crate::inheritune::Loop>,
     #[serde(rename = "step", default)]
     pub steps: Vec<Step>,
+}
+
+/// How a method's model is meant to be used, which decides how a comparison reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Regime {
+    /// Pruning: the model is used as written, at most lightly healed.
+    ZeroShot,
+    /// An initialisation for training (Inheritune, a fresh model): judged after training.
+    Retrain,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +96,16 @@ pub enum StepKind<'a> {
 }
 
 impl Step {
+    pub fn analyzer(name: &str) -> Self {
+        Step { analyzer: Some(name.into()), strategy: None, train: None, config: empty_table() }
+    }
+    pub fn strategy(name: &str, config: Value) -> Self {
+        Step { analyzer: None, strategy: Some(name.into()), train: None, config }
+    }
+    pub fn train(config: TrainConfig) -> Self {
+        Step { analyzer: None, strategy: None, train: Some(config), config: empty_table() }
+    }
+
     pub fn kind(&self) -> Result<StepKind<'_>> {
         match (&self.analyzer, &self.strategy, &self.train) {
             (Some(a), None, None) => Ok(StepKind::Item(a, ItemKind::Analyzer)),
@@ -101,6 +124,16 @@ impl Step {
     }
 }
 
+/// `analyze` without `-a`: the analyzers the loaded plugins mark as default, in front of the steps.
+pub fn add_default_analyzers(recipe: &mut Recipe, registry: &crate::plugins::Registry) -> Result<()> {
+    let names = registry.default_analyzers();
+    if names.is_empty() {
+        bail!("no loaded plugin marks an analyzer as default: name one with -a NAME (`scalpel plugins` lists them)");
+    }
+    recipe.steps.splice(0..0, names.iter().map(|n| Step::analyzer(n)));
+    Ok(())
+}
+
 /// How to run, beyond the recipe itself.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -108,9 +141,22 @@ pub struct Options {
     pub force: bool,
     /// Attention maps to draw, as (layer, head); empty: a default spread of layers.
     pub maps: Vec<(usize, usize)>,
+    /// `analyze` named no analyzer: run those the plugins mark as default.
+    pub default_analyzers: bool,
 }
 
 impl Recipe {
+    /// The same recipe with every path absolute, for records that outlive the working directory.
+    pub fn with_absolute_paths(&self) -> Result<Recipe> {
+        let abs = |p: &Option<PathBuf>| p.as_deref().map(std::path::absolute).transpose();
+        let mut r = self.clone();
+        (r.model, r.output, r.reports, r.data, r.val) = (abs(&self.model)?, abs(&self.output)?, abs(&self.reports)?, abs(&self.data)?, abs(&self.val)?);
+        if let Some(c) = &mut r.calibration {
+            c.file = std::path::absolute(&c.file)?;
+        }
+        Ok(r)
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
         let recipe: Recipe = toml::from_str(&text).with_context(|| format!("{} is not a valid recipe", path.display()))?;

@@ -134,4 +134,27 @@ impl ModelSource for Session<'_> {
         // A copy: the cache feeds `attention` and every later analyzer, and plugins may write into what they get.
         Ok(self.hidden_states()?[layer].copy())
     }
+
+    fn loss(&self, skip: &[usize]) -> Result<f64> {
+        let hidden = self.hidden_states()?;
+        let (net, ids) = (self.net()?, self.calibration_ids().expect("hidden states exist, so windows do"));
+        let _guard = tch::no_grad_guard();
+        // Blocks before the first skipped one are unchanged: start from the hidden states entering it.
+        let start = skip.iter().copied().min().unwrap_or(net.dims.layers);
+        let (mut sum, mut count) = (0.0, 0usize);
+        for (h, ids) in hidden[start].split(16, 0).iter().zip(ids.split(16, 0)) {
+            let mut h = h.shallow_clone();
+            for i in (start..net.dims.layers).filter(|i| !skip.contains(i)) {
+                h = net.block_fused(i, &h, None)?;
+            }
+            let per_token = net.loss_of_logits(&net.head(&h)?, &ids, 0, tch::Reduction::None)?;
+            sum += per_token.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+            count += per_token.numel();
+        }
+        let mean = sum / count as f64;
+        if !mean.is_finite() {
+            bail!("the calibration loss without blocks {skip:?} is not finite");
+        }
+        Ok(mean)
+    }
 }

@@ -7,7 +7,7 @@
 use crate::model::arch::Carry;
 use crate::model::checkpoint::{kind_of, torch_dtype_name, Checkpoint};
 use crate::model::write::OutTensor;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use safetensors::Dtype;
 use scalpel_sdk::{Edit, Plan};
 use serde_json::Value;
@@ -74,11 +74,15 @@ pub fn resulting_tensors<'c>(ckpt: &'c Checkpoint, plan: &'c Plan, dtype: Option
     let arch = ckpt.arch;
     let t = &arch.tensors;
     let reinit = |role: &str| plan.reinit.iter().any(|r| r == role);
+    let all = reinit("all");
+    let seed = if all { plan.seed } else { seed };
     let globals: Vec<(String, Fresh)> = ckpt
         .names()
         .filter(|n| arch.split_block_name(n).is_none())
         .map(|n| {
-            let fresh = if reinit("final_norm") && t.final_norm.iter().any(|f| f == n) {
+            let fresh = if all {
+                Fresh::Family
+            } else if reinit("final_norm") && t.final_norm.iter().any(|f| f == n) {
                 if n.ends_with(".bias") { Fresh::Zeros } else { Fresh::Ones }
             } else if reinit("position_embedding") && t.position_embedding.as_deref() == Some(n) {
                 Fresh::Normal(ckpt.config["initializer_range"].as_f64().unwrap_or(0.02))
@@ -94,7 +98,9 @@ pub fn resulting_tensors<'c>(ckpt: &'c Checkpoint, plan: &'c Plan, dtype: Option
         let prefix = arch.block_prefix(src.from);
         ckpt.names().filter_map(move |n| Some((n, n.strip_prefix(prefix.as_str())?))).map(move |(n, inner)| {
             let zero = src.edits.contains(&Edit::ZeroOutput) && arch.tensors.output_projections.iter().any(|p| p == inner);
-            let change = if zero {
+            let change = if all {
+                Change::Fresh(seed)
+            } else if zero {
                 Change::Zero
             } else if fold && src.from != j && inner.starts_with("attn.c_attn.") {
                 Change::ScaleQuery((j + 1) as f64 / (src.from + 1) as f64)
@@ -113,11 +119,15 @@ enum Fresh {
     Ones,
     Zeros,
     Normal(f64),
+    /// As transformers initialises the tensor in a new model of the family.
+    Family,
 }
 
 enum Change {
     None,
     Zero,
+    /// A fresh tensor of the family's initialisation (the plan's `reinit = ["all"]`), seeded by this.
+    Fresh(u64),
     /// GPT-2: multiply the query third of c_attn (columns `..d_model` of the weight, and of the bias).
     ScaleQuery(f64),
 }
@@ -132,6 +142,7 @@ fn emit_global(ckpt: &Checkpoint, name: String, fresh: Fresh, dtype: Option<Dtyp
                 tch::manual_seed(seed as i64);
                 t.to_kind(Kind::Float).randn_like() * std
             }
+            Fresh::Family => fresh_tensor(ckpt, &name, &t, seed)?,
         })
     };
     match fresh {
@@ -153,6 +164,7 @@ fn emit<'c>(ckpt: &'c Checkpoint, out: String, src: &str, change: Change, dtype:
     let t = match change {
         Change::None => t,
         Change::Zero => t.zeros_like(),
+        Change::Fresh(seed) => fresh_tensor(ckpt, &out, &t, seed)?,
         Change::ScaleQuery(s) => {
             let t = t.to_kind(Kind::Float);
             let q = t.narrow(-1, 0, d_model) * s;
@@ -160,6 +172,15 @@ fn emit<'c>(ckpt: &'c Checkpoint, out: String, src: &str, change: Change, dtype:
         }
     };
     to_out(out, &t, target)
+}
+
+/// A fresh tensor shaped like `like`, for the output tensor `name`: the family's initialisation, drawn from a
+/// generator seeded by the seed and the name, so that every tensor is the same whatever the writing order.
+fn fresh_tensor(ckpt: &Checkpoint, name: &str, like: &Tensor, seed: u64) -> Result<Tensor> {
+    ensure!(like.is_floating_point(), "`{name}` is not a floating-point tensor: cannot initialise it afresh");
+    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    tch::manual_seed((seed ^ name_hash) as i64);
+    Ok(crate::model::transformer::fresh_init(ckpt, name)?.fill(&like.to_kind(Kind::Float)))
 }
 
 /// `--dtype` changes floating-point weights only: integer and bool tensors (ids, masks) keep their type.

@@ -21,7 +21,7 @@ use abi_stable::{
     prefix_type::PrefixTypeTrait,
     sabi_trait,
     sabi_types::{RRef, VersionStrings},
-    std_types::{RErr, ROk, RResult, RStr, RString},
+    std_types::{RErr, ROk, RResult, RSlice, RStr, RString},
     StableAbi,
 };
 use serde::{Deserialize, Serialize};
@@ -41,8 +41,10 @@ pub struct PluginModule {
     /// The plugin's [`Manifest`] as JSON.
     pub manifest: extern "C" fn() -> RResult<RString, RString>,
     /// Runs one item: `(item name, model view, config JSON, reports JSON)` -> report or plan JSON.
-    #[sabi(last_prefix_field)]
     pub call: extern "C" fn(RStr<'_>, FfiModel<'_>, RStr<'_>, RStr<'_>) -> RResult<RString, RString>,
+    /// The analyzers a strategy reads with a config: `(item name, config JSON)` -> JSON list of names.
+    #[sabi(last_prefix_field)]
+    pub needs: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<RString, RString>,
 }
 
 impl RootModule for PluginRef {
@@ -55,7 +57,7 @@ impl RootModule for PluginRef {
 
 #[export_root_module]
 fn root_module() -> PluginRef {
-    PluginModule { manifest, call }.leak_into_prefix()
+    PluginModule { manifest, call, needs }.leak_into_prefix()
 }
 
 /// Who a plugin library is, registered by `export_plugin!()`.
@@ -86,6 +88,9 @@ pub struct ItemManifest {
     pub doc: String,
     /// JSON schema of its config (doc comments, types, defaults).
     pub schema: serde_json::Value,
+    /// An analyzer `scalpel analyze` runs when none is named.
+    #[serde(default)]
+    pub by_default: bool,
 }
 
 /// The manifest of the library this code is linked into.
@@ -103,7 +108,7 @@ pub fn local_manifest() -> Result<Manifest> {
         tch: crate::TCH_VERSION.into(),
         libtorch: id.libtorch.into(),
         items: registry::items()
-            .map(|it| ItemManifest { name: it.name.into(), kind: it.kind, doc: doc_text(it.doc), schema: it.schema() })
+            .map(|it| ItemManifest { name: it.name.into(), kind: it.kind, doc: doc_text(it.doc), schema: it.schema(), by_default: it.by_default })
             .collect(),
     })
 }
@@ -123,6 +128,10 @@ extern "C" fn call(item: RStr<'_>, model: FfiModel<'_>, config: RStr<'_>, report
         let out = registry::run(item.as_str(), &model, config.as_str(), reports.as_str())?;
         Ok(serde_json::to_string(&out)?)
     })
+}
+
+extern "C" fn needs(item: RStr<'_>, config: RStr<'_>) -> RResult<RString, RString> {
+    guarded(|| Ok(serde_json::to_string(&registry::needs(item.as_str(), config.as_str())?)?))
 }
 
 /// Runs `f`, turning its error or panic into a message for the other side.
@@ -151,8 +160,9 @@ pub trait FfiModelView {
     fn info(&self) -> RString;
     fn tensor(&self, name: RStr<'_>) -> RResult<FfiTensor, RString>;
     fn attention(&self, layer: usize) -> RResult<FfiTensor, RString>;
-    #[sabi(last_prefix_field)]
     fn hidden(&self, layer: usize) -> RResult<FfiTensor, RString>;
+    #[sabi(last_prefix_field)]
+    fn loss(&self, skip: RSlice<'_, usize>) -> RResult<f64, RString>;
 }
 
 /// A model view lent for the duration of one call.
@@ -173,6 +183,13 @@ impl FfiModelView for Lend<'_> {
     }
     fn hidden(&self, layer: usize) -> RResult<FfiTensor, RString> {
         tensor_result(|| self.0.hidden(layer))
+    }
+    fn loss(&self, skip: RSlice<'_, usize>) -> RResult<f64, RString> {
+        match catch_unwind(AssertUnwindSafe(|| self.0.loss(skip.as_slice()))) {
+            Ok(Ok(v)) => ROk(v),
+            Ok(Err(e)) => RErr(format!("{e:#}").into()),
+            Err(panic) => RErr(format!("the host panicked: {}", panic_message(&*panic)).into()),
+        }
     }
 }
 
@@ -240,6 +257,13 @@ pub fn call_item(plugin: PluginRef, item: &str, source: &dyn ModelSource, config
         .into_result()
         .map(String::from)
         .map_err(|e| crate::anyhow!("{e}"))
+}
+
+/// The analyzers a strategy of a loaded plugin reads with `config` (JSON).
+pub fn item_needs(plugin: PluginRef, item: &str, config: &str) -> Result<Vec<String>> {
+    let needs = plugin.needs();
+    let text = needs(item.into(), config.into()).into_result().map_err(|e| crate::anyhow!("{e}"))?;
+    Ok(serde_json::from_str(text.as_str())?)
 }
 
 /// Reads the manifest of a loaded plugin.

@@ -58,7 +58,7 @@ mod report;
 pub use model::{Calibration, Model, ModelInfo, ModelSource};
 pub use plan::{check_depth, Edit, LayerSource, Plan, MAX_LAYERS};
 pub use registry::{Item, ItemKind};
-pub use report::{Metric, Report, Reports};
+pub use report::{LayerMark, Metric, Presentation, Report, Reports};
 
 /// What every fallible SDK call returns; any error type converts into it with `?`.
 pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
@@ -86,25 +86,31 @@ pub trait Analyzer: Sync + 'static {
 pub trait Strategy: Sync + 'static {
     type Config: Config;
     fn plan(&self, model: &Model, config: &Self::Config, reports: &Reports) -> Result<Plan>;
+    /// The analyzers whose reports `plan` reads with this config. The host runs those missing with
+    /// their defaults before planning, so `apply -s NAME` works without naming them. Optional.
+    fn needs(&self, _config: &Self::Config) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Everything a plugin file needs in one `use`.
 pub mod prelude {
     pub use crate::{
-        anyhow, bail, ensure, Analyzer, Context, Edit, LayerSource, Metric, Model, ModelInfo, Plan, Report,
-        Reports, Result, Strategy,
+        anyhow, bail, ensure, Analyzer, Context, Edit, LayerMark, LayerSource, Metric, Model, ModelInfo, Plan,
+        Presentation, Report, Reports, Result, Strategy,
     };
     pub use schemars::JsonSchema;
     pub use serde::{Deserialize, Serialize};
     pub use tch::{self, Device, Kind, Tensor};
 }
 
-/// Registers an analyzer under a kebab-case name; its doc comment is its description.
+/// Registers an analyzer under a kebab-case name; its doc comment is its description. Ending with
+/// `, default` makes it one of the analyzers `scalpel analyze` runs when none is named.
 ///
 /// ```ignore
 /// scalpel_sdk::analyzer! {
 ///     /// Counts the layers of the model.
-///     "layer-count" => LayerCount
+///     "layer-count" => LayerCount, default
 /// }
 /// ```
 #[macro_export]
@@ -112,6 +118,11 @@ macro_rules! analyzer {
     ($(#[doc = $doc:literal])* $name:literal => $item:expr) => {
         $crate::__private::inventory::submit! {
             $crate::Item::analyzer($name, concat!($($doc, "\n",)*), &$crate::__private::AsAnalyzer($item))
+        }
+    };
+    ($(#[doc = $doc:literal])* $name:literal => $item:expr, default) => {
+        $crate::__private::inventory::submit! {
+            $crate::Item::analyzer($name, concat!($($doc, "\n",)*), &$crate::__private::AsAnalyzer($item)).by_default()
         }
     };
 }

@@ -49,6 +49,12 @@ pub trait ModelSource {
     /// Hidden states entering block `layer`, `[sequences, T, d_model]`; `layer == layers` gives the
     /// output of the last block.
     fn hidden(&self, layer: usize) -> Result<Tensor>;
+    /// Mean next-token loss (nats per predicted token) over the calibration windows, with the blocks
+    /// in `skip` left out of the forward pass (the residual stream passes them unchanged).
+    fn loss(&self, skip: &[usize]) -> Result<f64> {
+        let _ = skip;
+        crate::bail!("this model view cannot run the model")
+    }
 }
 
 /// The model as a plugin sees it: read-only, lent by the host for one call.
@@ -82,6 +88,16 @@ impl<'a> Model<'a> {
     pub fn hidden(&self, layer: usize) -> Result<Tensor> {
         self.check_layer(layer, self.info.layers + 1)?;
         abi::view_tensor(self.view.hidden(layer))
+    }
+
+    /// Mean next-token loss over the calibration windows (nats per predicted token) with the blocks in
+    /// `skip` left out: the host runs the model, so no plugin re-implements the forward pass.
+    /// `loss(&[])` is the whole model's.
+    pub fn loss(&self, skip: &[usize]) -> Result<f64> {
+        for &l in skip {
+            self.check_layer(l, self.info.layers)?;
+        }
+        self.view.loss(skip.into()).into_result().map_err(|e| crate::anyhow!("{e}"))
     }
 
     fn check_layer(&self, layer: usize, end: usize) -> Result<()> {

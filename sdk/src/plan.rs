@@ -9,9 +9,13 @@ use std::ops::Range;
 pub struct Plan {
     /// Output block `j` comes from input block `layers[j].from`.
     pub layers: Vec<LayerSource>,
-    /// Non-block parts to initialise afresh instead of inheriting, by role: `final_norm`, `position_embedding`.
+    /// Parts to initialise afresh instead of inheriting, by role: `final_norm`, `position_embedding`, or
+    /// `all` (every tensor, as transformers initialises a new model: the "same size from scratch" baseline).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reinit: Vec<String>,
+    /// Seeds the fresh initialisation of `reinit`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seed: u64,
     /// Why: the rule applied and its evidence. Shown by `--dry-run`, kept in the output's record.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -44,6 +48,10 @@ pub fn check_depth(layers: usize) -> Result<()> {
         "the plan would make a model of {layers} layers; scalpel refuses more than {MAX_LAYERS} (check the repeat counts)"
     );
     Ok(())
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl Plan {
@@ -88,7 +96,7 @@ impl Plan {
         let mut reinit = self.reinit.clone();
         reinit.extend(next.reinit.iter().filter(|r| !self.reinit.contains(r)).cloned());
         let notes = self.notes.iter().chain(&next.notes).cloned().collect();
-        Ok(Plan { layers, reinit, notes })
+        Ok(Plan { layers, reinit, seed: if next.reinit.is_empty() { self.seed } else { next.seed }, notes })
     }
 
     /// At least one block, every source inside a model of `input_layers` blocks.
@@ -98,7 +106,7 @@ impl Plan {
         if let Some((j, l)) = self.layers.iter().enumerate().find(|(_, l)| l.from >= input_layers) {
             crate::bail!("output layer {j} would come from layer {}, but the model has layers 0..{input_layers}", l.from);
         }
-        const ROLES: [&str; 2] = ["final_norm", "position_embedding"];
+        const ROLES: [&str; 3] = ["final_norm", "position_embedding", "all"];
         if let Some(r) = self.reinit.iter().find(|r| !ROLES.contains(&r.as_str())) {
             crate::bail!("cannot re-initialise `{r}`: known parts are {}", ROLES.join(", "));
         }

@@ -24,15 +24,20 @@ pub struct Item {
     pub name: &'static str,
     pub kind: ItemKind,
     pub doc: &'static str,
+    /// An analyzer `scalpel analyze` runs when none is named.
+    pub by_default: bool,
     erased: &'static dyn Erased,
 }
 
 impl Item {
     pub const fn analyzer(name: &'static str, doc: &'static str, erased: &'static dyn Erased) -> Self {
-        Item { name, kind: ItemKind::Analyzer, doc, erased }
+        Item { name, kind: ItemKind::Analyzer, doc, by_default: false, erased }
+    }
+    pub const fn by_default(self) -> Self {
+        Item { by_default: true, ..self }
     }
     pub const fn strategy(name: &'static str, doc: &'static str, erased: &'static dyn Erased) -> Self {
-        Item { name, kind: ItemKind::Strategy, doc, erased }
+        Item { name, kind: ItemKind::Strategy, doc, by_default: false, erased }
     }
     pub fn schema(&self) -> serde_json::Value {
         self.erased.schema()
@@ -45,8 +50,16 @@ pub(crate) fn items() -> impl Iterator<Item = &'static Item> {
     inventory::iter::<Item>.into_iter()
 }
 
+fn find(name: &str) -> Result<&'static Item> {
+    items().find(|it| it.name == name).ok_or_else(|| crate::anyhow!("this plugin has no item `{name}`"))
+}
+
+pub(crate) fn needs(name: &str, config: &str) -> Result<Vec<String>> {
+    find(name)?.erased.needs(serde_json::from_str(config)?)
+}
+
 pub(crate) fn run(name: &str, model: &Model, config: &str, reports: &str) -> Result<serde_json::Value> {
-    let item = items().find(|it| it.name == name).ok_or_else(|| crate::anyhow!("this plugin has no item `{name}`"))?;
+    let item = find(name)?;
     let config: serde_json::Value = serde_json::from_str(config)?;
     let reports: Reports = if reports.is_empty() { Reports::default() } else { serde_json::from_str(reports)? };
     item.erased.run(model, config, &reports)
@@ -56,6 +69,7 @@ pub(crate) fn run(name: &str, model: &Model, config: &str, reports: &str) -> Res
 pub trait Erased: Sync {
     fn schema(&self) -> serde_json::Value;
     fn run(&self, model: &Model, config: serde_json::Value, reports: &Reports) -> Result<serde_json::Value>;
+    fn needs(&self, config: serde_json::Value) -> Result<Vec<String>>;
 }
 
 pub struct AsAnalyzer<A>(pub A);
@@ -69,6 +83,9 @@ impl<A: Analyzer> Erased for AsAnalyzer<A> {
         let config = parse_config::<A::Config>(config)?;
         Ok(serde_json::to_value(self.0.analyze(model, &config)?)?)
     }
+    fn needs(&self, _: serde_json::Value) -> Result<Vec<String>> {
+        Ok(vec![])
+    }
 }
 
 impl<S: Strategy> Erased for AsStrategy<S> {
@@ -78,6 +95,9 @@ impl<S: Strategy> Erased for AsStrategy<S> {
     fn run(&self, model: &Model, config: serde_json::Value, reports: &Reports) -> Result<serde_json::Value> {
         let config = parse_config::<S::Config>(config)?;
         Ok(serde_json::to_value(self.0.plan(model, &config, reports)?)?)
+    }
+    fn needs(&self, config: serde_json::Value) -> Result<Vec<String>> {
+        Ok(self.0.needs(&parse_config::<S::Config>(config)?))
     }
 }
 

@@ -1,6 +1,6 @@
 //! What analyzers return: named metrics per layer (and per head), each with its spread over sequences.
 
-use crate::Result;
+use crate::{Plan, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -15,6 +15,52 @@ pub struct Report {
     /// Anything else worth keeping, as JSON.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub extra: serde_json::Value,
+    /// How the host should draw this report; without it, the host plots the first metrics as they come.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<Presentation>,
+}
+
+/// How a report wants to be shown: data the host reads, so that it never needs to know an analyzer by name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Presentation {
+    /// What the profile figure shows, e.g. "attention profile".
+    pub title: String,
+    /// The per-layer metrics that make the profile figure, in order.
+    #[serde(default)]
+    pub profile: Vec<String>,
+    /// A per-layer flag metric (non-zero marks the layer), shaded in the figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mark: Option<LayerMark>,
+    /// A per-head metric whose lowest and highest heads get their attention maps drawn; only reports
+    /// about attention set it, so that maps are drawn only when attention was analyzed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_maps_by: Option<String>,
+}
+
+impl Presentation {
+    /// A profile figure called `title` showing `metrics`.
+    pub fn profile(title: &str, metrics: &[&str]) -> Self {
+        Presentation { title: title.into(), profile: metrics.iter().map(|m| m.to_string()).collect(), ..Self::default() }
+    }
+    /// Shade the layers where the per-layer `metric` is non-zero, called `label` in the legend.
+    pub fn mark(mut self, metric: &str, label: &str) -> Self {
+        self.mark = Some(LayerMark { metric: metric.into(), label: label.into() });
+        self
+    }
+    /// Draw attention maps of the heads with the lowest and highest per-head `metric`.
+    pub fn attention_maps_by(mut self, metric: &str) -> Self {
+        self.attention_maps_by = Some(metric.into());
+        self
+    }
+}
+
+/// Layers flagged by a metric, and what the legend calls them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayerMark {
+    /// A per-layer metric of the same report: non-zero marks the layer.
+    pub metric: String,
+    /// The legend's words, e.g. "lazy layer (MaxRank = 1)".
+    pub label: String,
 }
 
 /// One quantity measured for every layer, and optionally for every head of every layer.
@@ -49,6 +95,35 @@ impl Report {
     pub fn note(mut self, note: impl Into<String>) -> Self {
         self.notes.push(note.into());
         self
+    }
+    /// How the host should draw this report.
+    pub fn present(mut self, presentation: Presentation) -> Self {
+        self.present = Some(presentation);
+        self
+    }
+    /// The layers flagged by the presentation's mark, when it has one.
+    pub fn marked_layers(&self) -> Option<Vec<bool>> {
+        let mark = self.present.as_ref()?.mark.as_ref()?;
+        Some(self.get(&mark.metric).ok()?.per_layer.iter().map(|&v| v != 0.0).collect())
+    }
+    /// The report as it reads for the model `plan` makes: output layer `j` takes the values of its source
+    /// layer. What a strategy after another strategy sees, so that its indices are the planned model's.
+    pub fn through(&self, plan: &Plan) -> Report {
+        let pick = |v: &Vec<f64>| plan.layers.iter().map(|l| v.get(l.from).copied().unwrap_or(f64::NAN)).collect::<Vec<f64>>();
+        let pick_rows = |v: &Vec<Vec<f64>>| plan.layers.iter().map(|l| v.get(l.from).cloned().unwrap_or_default()).collect::<Vec<_>>();
+        let metrics = self
+            .metrics
+            .iter()
+            .map(|m| Metric {
+                name: m.name.clone(),
+                about: m.about.clone(),
+                per_layer: pick(&m.per_layer),
+                per_layer_spread: m.per_layer_spread.as_ref().map(pick),
+                per_head: m.per_head.as_ref().map(pick_rows),
+                per_head_spread: m.per_head_spread.as_ref().map(pick_rows),
+            })
+            .collect();
+        Report { metrics, ..self.clone() }
     }
     /// The metric called `name`, or an error listing the ones there are.
     pub fn get(&self, name: &str) -> Result<&Metric> {
@@ -92,5 +167,30 @@ impl Reports {
     }
     pub fn insert(&mut self, report: Report) {
         self.0.insert(report.analyzer.clone(), report);
+    }
+    /// Every report as it reads for the model `plan` makes (see [`Report::through`]).
+    pub fn through(&self, plan: &Plan) -> Reports {
+        Reports(self.0.iter().map(|(k, r)| (k.clone(), r.through(plan))).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_follows_its_layers_through_a_plan() {
+        let r = Report::new().metric(Metric::per_layer("m", vec![10.0, 11.0, 12.0]).heads(vec![vec![0.0], vec![1.0], vec![2.0]], None));
+        let t = r.through(&Plan::ranges(&[2..3, 0..2, 1..2]));
+        assert_eq!(t.metrics[0].per_layer, [12.0, 10.0, 11.0, 11.0]);
+        assert_eq!(t.metrics[0].per_head.as_ref().unwrap()[0], [2.0]);
+    }
+
+    #[test]
+    fn marked_layers_come_from_the_named_flag() {
+        let present = Presentation::profile("t", &["flag"]).mark("flag", "x");
+        let r = Report::new().metric(Metric::per_layer("flag", vec![0.0, 1.0])).present(present);
+        assert_eq!(r.marked_layers(), Some(vec![false, true]));
+        assert_eq!(Report::new().marked_layers(), None);
     }
 }

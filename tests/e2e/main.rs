@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `scalpel` binary, the real plugin libraries, real files.
 //! Run `cargo xtask test` (it builds the binary and every plugin before the tests).
 
+mod compare;
 mod data;
 mod depth_pruning;
 mod hardening;

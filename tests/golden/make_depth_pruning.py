@@ -9,13 +9,17 @@ For each MODEL in tiny-llama, tiny-gpt2 this writes tests/data/depth-pruning/:
     MODEL.json              {"model", "made_by", "windows": [N, T],
                              "bi": [L],                 block influence per block
                              "distance": [[...]] ,      distance[l][n-1] = d(l, n), n = 1..L-l
-                             "best": [{"n", "start", "distance"}]}
+                             "best": [{"n", "start", "distance"}],
+                             "loss": full-model loss,
+                             "ppl_importance": [L]}     loss with block l skipped minus the full loss
 
 Definitions (scalpel's): x_l is the residual stream entering block l (x_0: the embeddings; GPT-2: wte + wpe) and
 x_L the output of the last block BEFORE the final norm. transformers' output_hidden_states applies the final norm
 to its last entry, so make_golden.py's hooks on the blocks take the states instead (and check them against it).
     BI_l    = 1 - mean over every token of every window of cos(x_l, x_{l+1})
     d(l, n) = mean over windows of arccos(cos(x_l, x_{l+n})) / pi at the window's last token
+    ppl_importance(l) = loss with block l removed from the model - the full model's loss, where the loss is
+                        transformers' own (labels = input_ids: mean next-token cross-entropy over all windows)
 Model in float32 (eager attention, as scalpel's forward pass); metrics in float64 from those float32 states.
 """
 
@@ -69,6 +73,29 @@ def best_starts(distance):
     return best
 
 
+def blocks(model):
+    """The ModuleList of decoder blocks (Llama: model.layers, GPT-2: transformer.h)."""
+    return model.model.layers if hasattr(model, "model") else model.transformer.h
+
+
+def loss(model, ids):
+    with torch.no_grad():
+        return model(ids, labels=ids, use_cache=False).loss.item()
+
+
+def ppl_importance(model, ids):
+    """The loss with each block taken out of the model (transformers' own forward), minus the full loss."""
+    full = loss(model, ids)
+    layers = blocks(model)
+    out = []
+    for l in range(len(layers)):
+        removed = layers[l]
+        del layers[l]
+        out.append(loss(model, ids) - full)
+        layers.insert(l, removed)
+    return full, out
+
+
 def write(name):
     model = AutoModelForCausalLM.from_pretrained(DATA / name, attn_implementation="eager").float().eval()
     g = torch.Generator().manual_seed(2403)
@@ -83,6 +110,7 @@ def write(name):
         "distance": distance,
         "best": best_starts(distance),
     }
+    golden["loss"], golden["ppl_importance"] = ppl_importance(model, ids)
     save_file({"input_ids": ids.contiguous()}, OUT / f"{name}.ids.safetensors")
     (OUT / f"{name}.json").write_text(json.dumps(golden, indent=1) + "\n")
     print(name, "BI", [round(b, 4) for b in golden["bi"]], "best", [(b["n"], b["start"]) for b in golden["best"]])

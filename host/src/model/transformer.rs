@@ -20,6 +20,22 @@ pub enum Init {
     Normal(f64),
 }
 
+impl Init {
+    /// A tensor shaped like `t`, filled this way (from libtorch's global generator, seeded by the caller).
+    pub fn fill(&self, t: &Tensor) -> Tensor {
+        match *self {
+            Init::Ones => t.ones_like(),
+            Init::Zeros => t.zeros_like(),
+            Init::Normal(std) => t.randn_like() * std,
+        }
+    }
+}
+
+/// How transformers initialises the tensor `name` in a fresh model of the checkpoint's family.
+pub fn fresh_init(ckpt: &Checkpoint, name: &str) -> Result<Init> {
+    Ok(family(ckpt, Device::Cpu)?.init(name))
+}
+
 /// What a model family computes differently. `prefix` is the block's tensor-name prefix.
 pub trait Family {
     /// Hidden states entering block 0 for tokens at positions `start..`: `[b, t, d_model]`.
@@ -79,11 +95,7 @@ impl Transformer {
             shapes.push((name.to_string(), e.shape.iter().map(|&d| d as i64).collect::<Vec<i64>>()));
         }
         tch::manual_seed(seed as i64);
-        let params = Params::fresh(&shapes, device, kind, |name, t| match family.init(name) {
-            Init::Ones => t.ones_like(),
-            Init::Zeros => t.zeros_like(),
-            Init::Normal(std) => t.randn_like() * std,
-        });
+        let params = Params::fresh(&shapes, device, kind, |name, t| family.init(name).fill(t));
         Ok(Self::assemble(ckpt, device, kind, params, family))
     }
 
@@ -177,7 +189,15 @@ impl Transformer {
         if t < first + 2 {
             bail!("a window needs at least {} tokens to predict one", first + 2);
         }
-        let logits = self.forward(&ids)?.narrow(1, first, t - 1 - first).to_kind(Kind::Float);
+        self.loss_of_logits(&self.forward(&ids)?, &ids, first, reduction)
+    }
+
+    /// Next-token cross-entropy of `logits` `[batch, T, vocab]` computed for the windows `ids` (see
+    /// [`Self::next_token_loss`]): for a forward pass run some other way, e.g. with blocks skipped.
+    pub fn loss_of_logits(&self, logits: &Tensor, ids: &Tensor, first: i64, reduction: Reduction) -> Result<Tensor> {
+        let ids = ids.to_device(self.device);
+        let t = ids.size()[1];
+        let logits = logits.narrow(1, first, t - 1 - first).to_kind(Kind::Float);
         let targets = ids.narrow(1, first + 1, t - 1 - first).reshape([-1]);
         Ok(logits.reshape([-1, self.dims.vocab as i64]).f_cross_entropy_loss::<Tensor>(&targets, None, reduction, -100, 0.0)?)
     }

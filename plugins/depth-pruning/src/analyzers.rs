@@ -35,7 +35,8 @@ impl Analyzer for BlockInfluence {
                     .spread(spread),
             )
             .note(format!("float64 on {device:?}; {}", calibration(model)))
-            .note(format!("lowest influence first: {ranked}")))
+            .note(format!("lowest influence first: {ranked}"))
+            .present(Presentation::profile("block importance", &["bi"])))
     }
 }
 
@@ -115,9 +116,44 @@ impl Analyzer for AngularDistance {
                 format!("closest run of n blocks (start..end, distance): {}", best.join(", ")),
             ],
             extra: serde_json::to_value(&table)?,
+            present: Some(Presentation::profile("block importance", &["distance_n1"])),
             ..Report::default()
         })
     }
+}
+
+/// Settings of `ppl-importance` (it has none).
+#[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct PplImportanceConfig {}
+
+pub struct PplImportance;
+
+impl Analyzer for PplImportance {
+    type Config = PplImportanceConfig;
+    fn analyze(&self, model: &Model, _: &PplImportanceConfig) -> Result<Report> {
+        let full = model.loss(&[])?;
+        let without: Vec<f64> = (0..model.info().layers).map(|l| model.loss(&[l])).collect::<Result<_>>()?;
+        let importance: Vec<f64> = without.iter().map(|w| w - full).collect();
+        Ok(Report::new()
+            .metric(
+                Metric::per_layer("ppl_importance", importance.clone())
+                    .about("calibration loss with block l skipped minus the full model's, nats/token"),
+            )
+            .metric(Metric::per_layer("loss_without", without).about("calibration loss with block l skipped, nats/token"))
+            .note(format!("full model: {full:.4} nats/token (perplexity {:.2}); {}", full.exp(), calibration(model)))
+            .note(format!("least important first: {}", ranked(&importance)))
+            .present(Presentation::profile("block importance", &["ppl_importance"])))
+    }
+}
+
+scalpel_sdk::analyzer! {
+    /// Perplexity importance of every block (Shortened LLaMA, Kim et al., arXiv 2402.02834): what skipping it costs.
+    ///
+    /// `ppl_importance`(l) = calibration loss with block l skipped − the full model's loss, in nats per token
+    /// (the log of the perplexity ratio). The host runs the model (`Model::loss`), so this works on every family.
+    /// Shortened LLaMA removes the blocks of lowest importance (`drop-layers` with `metric = "ppl_importance"`).
+    "ppl-importance" => PplImportance
 }
 
 scalpel_sdk::analyzer! {

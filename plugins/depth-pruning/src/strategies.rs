@@ -28,6 +28,12 @@ pub struct DropLayers;
 
 impl Strategy for DropLayers {
     type Config = DropLayersConfig;
+    fn needs(&self, c: &DropLayersConfig) -> Vec<String> {
+        match (c.count, c.metric.split_once('.')) {
+            (Some(_), Some((report, _))) if c.layers.is_empty() => vec![report.to_string()],
+            _ => vec![],
+        }
+    }
     fn plan(&self, model: &Model, c: &DropLayersConfig, reports: &Reports) -> Result<Plan> {
         let layers = model.info().layers;
         let (removed, why) = match (c.count, c.layers.is_empty()) {
@@ -86,6 +92,9 @@ pub struct PruneBlock;
 
 impl Strategy for PruneBlock {
     type Config = PruneBlockConfig;
+    fn needs(&self, c: &PruneBlockConfig) -> Vec<String> {
+        if c.n.is_some() { vec![c.report.clone()] } else { vec![] }
+    }
     fn plan(&self, model: &Model, c: &PruneBlockConfig, reports: &Reports) -> Result<Plan> {
         let layers = model.info().layers;
         let Some(n) = c.n else { bail!("give `n`, the number of contiguous blocks to remove (1..{layers})") };
@@ -107,6 +116,34 @@ impl Strategy for PruneBlock {
             best.start,
             shown.join(" ")
         )))
+    }
+}
+
+/// Settings of `random-init`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct RandomInitConfig {
+    /// How many blocks the fresh model has; unset: as many as the input.
+    pub layers: Option<usize>,
+    /// Seeds the initialisation, so that a comparison can be rerun exactly.
+    pub seed: u64,
+}
+
+pub struct RandomInit;
+
+impl Strategy for RandomInit {
+    type Config = RandomInitConfig;
+    fn plan(&self, model: &Model, c: &RandomInitConfig, _: &Reports) -> Result<Plan> {
+        let input = model.info().layers;
+        let layers = c.layers.unwrap_or(input);
+        ensure!(layers >= 1, "`layers` = 0 would leave no block: a model needs at least one");
+        scalpel_sdk::check_depth(layers)?;
+        // Every block has the input's shapes, so any source block serves; nothing of it is kept.
+        let mut plan = Plan::ranges(&[0..layers.min(input)]);
+        plan.layers.extend((input..layers).map(|j| LayerSource { from: j % input, edits: vec![] }));
+        plan.reinit = vec!["all".into()];
+        plan.seed = c.seed;
+        Ok(plan.note(format!("the same architecture with {layers} blocks, freshly initialised as transformers does (seed {})", c.seed)))
     }
 }
 
@@ -137,6 +174,15 @@ scalpel_sdk::strategy! {
     /// Reads the `angular-distance` report: the start l minimising d(l, n), the earliest on ties; blocks l..l+n go.
     /// The paper heals the pruned model afterwards with a little training.
     "prune-block" => PruneBlock
+}
+
+scalpel_sdk::strategy! {
+    /// The same architecture at a given depth, freshly initialised: the "same size from scratch" baseline.
+    ///
+    /// Every tensor (embeddings, blocks, norms, head) is drawn as transformers initialises a new model of the
+    /// family (normal(0, initializer_range) matrices, ones for norms, zeros for biases), seeded by `seed`.
+    /// Only worth comparing after training (`scalpel compare --heal-steps`, or `scalpel train`).
+    "random-init" => RandomInit
 }
 
 #[cfg(test)]

@@ -85,7 +85,8 @@ impl Analyzer for AttnRank {
                 Metric::per_layer("lazy", lazy).about("1 where MaxRank = 1: every head rank-1 (a lazy layer), else 0"),
             )
             .note(format!("τ = {tau}, {mode}, {precision}; {}", calibration(model)))
-            .note(lazy_note))
+            .note(lazy_note)
+            .present(attention_profile(&["max_rank"], "max_rank").mark("lazy", "lazy layer (MaxRank = 1)")))
     }
 }
 
@@ -124,7 +125,8 @@ impl Analyzer for AttnMass {
                 true,
             ))
             .metric(max.metric("max_mass", format!("max over heads of m* at η = {eta}"), true))
-            .note(format!("η = {eta}; {}", calibration(model))))
+            .note(format!("η = {eta}; {}", calibration(model)))
+            .present(attention_profile(&["avg_mass"], "avg_mass")))
     }
 }
 
@@ -155,7 +157,8 @@ impl Analyzer for AttnEntropy {
                 true,
             ))
             .metric(sink.metric("sink_fraction", "mean over rows of the attention on position 0", true))
-            .note(calibration(model)))
+            .note(calibration(model))
+            .present(attention_profile(&["entropy_normalized"], "entropy_normalized")))
     }
 }
 
@@ -166,7 +169,7 @@ scalpel_sdk::analyzer! {
     /// and layer. Rank(h,l) is its mean over sequences (the per-head values of `max_rank`), MaxRank(l) the
     /// max over heads (`max_rank`), `mean_rank` the mean over heads, and a layer is lazy when MaxRank(l) = 1.
     /// The paper: τ = 0.9, per sequence, on 100 windows of 100 tokens.
-    "attn-rank" => AttnRank
+    "attn-rank" => AttnRank, default
 }
 
 scalpel_sdk::analyzer! {
@@ -175,7 +178,7 @@ scalpel_sdk::analyzer! {
     /// m* is the fewest columns (keys) whose energies ‖A·ⱼ‖², largest first, hold η of ‖A‖²_F. Mass(h,l) is
     /// its mean over sequences, AvgMass(l) the mean over heads (`avg_mass`), and `max_mass` the max over
     /// heads. The paper: η = 0.9.
-    "attn-mass" => AttnMass
+    "attn-mass" => AttnMass, default
 }
 
 scalpel_sdk::analyzer! {
@@ -184,7 +187,13 @@ scalpel_sdk::analyzer! {
     /// Hᵢ = −Σⱼ Aᵢⱼ log Aᵢⱼ in nats, averaged over rows (`entropy`); Hᵢ / log i over rows i ≥ 2, where row i
     /// has i admissible keys (`entropy_normalized`, 1 for uniform attention); the mean of Aᵢ₀ (`sink_fraction`).
     /// Not defined by the paper; per head the mean over sequences, per layer the mean over heads.
-    "attn-entropy" => AttnEntropy
+    "attn-entropy" => AttnEntropy, default
+}
+
+/// The host draws these metrics in its "attention profile" figure, and attention maps of the heads with the
+/// lowest and highest `maps_by`.
+fn attention_profile(metrics: &[&str], maps_by: &str) -> Presentation {
+    Presentation::profile("attention profile", metrics).attention_maps_by(maps_by)
 }
 
 fn check_fraction(name: &str, value: f64) -> Result<()> {

@@ -67,6 +67,12 @@ pub struct Cutoff;
 
 impl Strategy for Cutoff {
     type Config = CutoffConfig;
+    fn needs(&self, c: &CutoffConfig) -> Vec<String> {
+        match (c.keep, c.rule) {
+            (None, CutRule::TrailingDegenerate) => vec![c.report.clone()],
+            _ => vec![],
+        }
+    }
     fn plan(&self, model: &Model, c: &CutoffConfig, reports: &Reports) -> Result<Plan> {
         let layers = model.info().layers;
         let (keep, why) = match (c.keep, c.rule) {
