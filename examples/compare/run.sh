@@ -7,7 +7,7 @@
 # The reports are copied next to this script (result-22/, result-15/); the models stay in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-S=target/release/scalpel
+S=${S:-target/release/scalpel}
 MODEL=runs/smollm2-135m
 OUT=${OUT:-runs/compare-smollm2}
 HEAL=${HEAL:-0}

@@ -169,6 +169,7 @@ pub fn list_plugins(registry: &plugins::Registry, json: bool) -> Result<()> {
                 serde_json::json!({
                     "name": it.item.name, "kind": it.item.kind, "plugin": it.plugin.manifest.plugin,
                     "version": it.plugin.manifest.version, "library": it.plugin.path, "about": first_line(&it.item.doc),
+                    "default": it.item.by_default,
                 })
             })
             .collect();
@@ -180,7 +181,8 @@ pub fn list_plugins(registry: &plugins::Registry, json: bool) -> Result<()> {
         .map(|it| {
             vec![
                 it.item.name.clone(),
-                it.item.kind.to_string(),
+                // `analyze` runs the default analyzers when none is named.
+                if it.item.by_default { format!("{} (default)", it.item.kind) } else { it.item.kind.to_string() },
                 format!("{} {}", it.plugin.manifest.plugin, it.plugin.manifest.version),
                 first_line(&it.item.doc).to_string(),
             ]
