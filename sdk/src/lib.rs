@@ -54,8 +54,9 @@ mod model;
 mod plan;
 mod registry;
 mod report;
+pub mod testing;
 
-pub use model::{Calibration, Model, ModelInfo, ModelSource};
+pub use model::{Block, Calibration, Model, ModelInfo, ModelSource};
 pub use plan::{check_depth, Edit, LayerSource, Plan, MAX_LAYERS};
 pub use registry::{Item, ItemKind};
 pub use report::{Metric, Report, Reports};

@@ -45,6 +45,11 @@ pub(crate) fn items() -> impl Iterator<Item = &'static Item> {
     inventory::iter::<Item>.into_iter()
 }
 
+/// The registered item whose Rust type is `T`, for tests that name an item by its type.
+pub(crate) fn item_of_type<T: 'static>() -> Option<&'static Item> {
+    items().find(|it| it.erased.item_type() == std::any::TypeId::of::<T>())
+}
+
 pub(crate) fn run(name: &str, model: &Model, config: &str, reports: &str) -> Result<serde_json::Value> {
     let item = items().find(|it| it.name == name).ok_or_else(|| crate::anyhow!("this plugin has no item `{name}`"))?;
     let config: serde_json::Value = serde_json::from_str(config)?;
@@ -55,6 +60,8 @@ pub(crate) fn run(name: &str, model: &Model, config: &str, reports: &str) -> Res
 /// An analyzer or strategy with its config type erased.
 pub trait Erased: Sync {
     fn schema(&self) -> serde_json::Value;
+    /// The analyzer's or strategy's own type.
+    fn item_type(&self) -> std::any::TypeId;
     fn run(&self, model: &Model, config: serde_json::Value, reports: &Reports) -> Result<serde_json::Value>;
 }
 
@@ -65,6 +72,9 @@ impl<A: Analyzer> Erased for AsAnalyzer<A> {
     fn schema(&self) -> serde_json::Value {
         schema::<A::Config>()
     }
+    fn item_type(&self) -> std::any::TypeId {
+        std::any::TypeId::of::<A>()
+    }
     fn run(&self, model: &Model, config: serde_json::Value, _: &Reports) -> Result<serde_json::Value> {
         let config = parse_config::<A::Config>(config)?;
         Ok(serde_json::to_value(self.0.analyze(model, &config)?)?)
@@ -74,6 +84,9 @@ impl<A: Analyzer> Erased for AsAnalyzer<A> {
 impl<S: Strategy> Erased for AsStrategy<S> {
     fn schema(&self) -> serde_json::Value {
         schema::<S::Config>()
+    }
+    fn item_type(&self) -> std::any::TypeId {
+        std::any::TypeId::of::<S>()
     }
     fn run(&self, model: &Model, config: serde_json::Value, reports: &Reports) -> Result<serde_json::Value> {
         let config = parse_config::<S::Config>(config)?;

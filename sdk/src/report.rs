@@ -50,6 +50,23 @@ impl Report {
         self.notes.push(note.into());
         self
     }
+    /// Checks that every metric has one finite value per layer of a model of `layers` blocks, as the host does.
+    pub fn check(&self, layers: usize) -> Result<()> {
+        for m in &self.metrics {
+            crate::ensure!(
+                m.per_layer.len() == layers,
+                "analyzer `{}` reported {} values of `{}` for a model of {layers} layers",
+                self.analyzer,
+                m.per_layer.len(),
+                m.name
+            );
+            if let Some(l) = m.per_layer.iter().position(|v| !v.is_finite()) {
+                crate::bail!("analyzer `{}` reported a non-finite `{}` for layer {l}", self.analyzer, m.name);
+            }
+        }
+        Ok(())
+    }
+
     /// The metric called `name`, or an error listing the ones there are.
     pub fn get(&self, name: &str) -> Result<&Metric> {
         self.metrics.iter().find(|m| m.name == name).ok_or_else(|| {
