@@ -18,6 +18,7 @@ pub struct ModelInfo {
     pub kv_heads: usize,
     /// Width of the residual stream.
     pub d_model: usize,
+    /// Vocabulary size: rows of the embedding.
     pub vocab: usize,
     /// Storage dtype of the weights: `f32`, `f16`, `bf16`.
     pub dtype: String,
@@ -36,7 +37,9 @@ pub struct ModelInfo {
 /// Calibration windows: `sequences` windows of `tokens` tokens each.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
+    /// Number of windows: the first dimension of `attention` and `hidden`.
     pub sequences: usize,
+    /// Tokens per window (`T`).
     pub tokens: usize,
     /// Where they came from (a file and seed, or an explicit token tensor).
     pub source: String,
@@ -44,10 +47,12 @@ pub struct Calibration {
 
 /// What the host implements to show a model to plugins. Plugin authors use [`Model`] instead.
 pub trait ModelSource {
+    /// The model's shape, tensor names and calibration windows.
     fn info(&self) -> &ModelInfo;
     /// A weight by checkpoint name, e.g. `model.layers.3.self_attn.q_proj.weight`.
     fn tensor(&self, name: &str) -> Result<Tensor>;
-    /// Post-softmax causal attention of block `layer` over the calibration windows,
+    /// Post-softmax causal attention of block `layer` over the calibration windows.
+    ///
     /// `[sequences, heads, T, T]`, float32 or wider, on the model's device.
     fn attention(&self, layer: usize) -> Result<Tensor>;
     /// The residual stream entering block `layer` over the calibration windows (see [`Model::hidden`]).
@@ -69,16 +74,20 @@ impl<'a> Model<'a> {
         Ok(Model { view, info })
     }
 
+    /// The model's shape, tensor names and calibration windows.
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }
 
-    /// A weight by checkpoint name.
+    /// A weight by checkpoint name (`ModelInfo::tensors` lists them); [`Model::block`] names a block's by their name inside it.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         abi::view_tensor(self.view.tensor(name.into()))
     }
 
-    /// Post-softmax attention of block `layer`: `[sequences, heads, T, T]`, computed from QKᵀ.
+    /// Post-softmax causal attention of block `layer` over the calibration windows.
+    ///
+    /// `[sequences, heads, T, T]` (row `i` is query token `i`'s distribution over keys `0..=i`), float32 or
+    /// wider, on the model's device, computed by the host from the same forward pass as [`Model::hidden`].
     pub fn attention(&self, layer: usize) -> Result<Tensor> {
         self.check_layer(layer, self.info.layers)?;
         abi::view_tensor(self.view.attention(layer))

@@ -3,6 +3,7 @@
 use crate::{Analyzer, Config, Model, Reports, Result, Strategy};
 use serde::{Deserialize, Serialize};
 
+/// Whether an item reports ([`Analyzer`]) or plans ([`Strategy`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ItemKind {
@@ -21,19 +22,24 @@ impl std::fmt::Display for ItemKind {
 
 /// A registered analyzer or strategy.
 pub struct Item {
+    /// The kebab-case name recipes and reports use.
     pub name: &'static str,
     pub kind: ItemKind,
+    /// The doc comment of its registration.
     pub doc: &'static str,
     erased: &'static dyn Erased,
 }
 
 impl Item {
+    /// An analyzer registration (what [`analyzer!`](crate::analyzer) writes).
     pub const fn analyzer(name: &'static str, doc: &'static str, erased: &'static dyn Erased) -> Self {
         Item { name, kind: ItemKind::Analyzer, doc, erased }
     }
+    /// A strategy registration (what [`strategy!`](crate::strategy) writes).
     pub const fn strategy(name: &'static str, doc: &'static str, erased: &'static dyn Erased) -> Self {
         Item { name, kind: ItemKind::Strategy, doc, erased }
     }
+    /// The JSON schema of its config.
     pub fn schema(&self) -> serde_json::Value {
         self.erased.schema()
     }
@@ -59,13 +65,17 @@ pub(crate) fn run(name: &str, model: &Model, config: &str, reports: &str) -> Res
 
 /// An analyzer or strategy with its config type erased.
 pub trait Erased: Sync {
+    /// The JSON schema of its config.
     fn schema(&self) -> serde_json::Value;
     /// The analyzer's or strategy's own type.
     fn item_type(&self) -> std::any::TypeId;
+    /// Parses the config and runs the item: its report or plan as JSON.
     fn run(&self, model: &Model, config: serde_json::Value, reports: &Reports) -> Result<serde_json::Value>;
 }
 
+/// An [`Analyzer`] behind the erased interface.
 pub struct AsAnalyzer<A>(pub A);
+/// A [`Strategy`] behind the erased interface.
 pub struct AsStrategy<S>(pub S);
 
 impl<A: Analyzer> Erased for AsAnalyzer<A> {
