@@ -38,6 +38,13 @@ enum Command {
         /// An analyzer or strategy name, e.g. cutoff.
         name: String,
     },
+    /// Write a new plugin crate (one analyzer, one strategy, tests, README) that builds outside this repository.
+    NewPlugin {
+        /// The plugin's name: lowercase letters, digits and dashes, e.g. my-pruning.
+        name: String,
+        /// Where to create the crate [default: ./scalpel-plugin-NAME].
+        dir: Option<PathBuf>,
+    },
     /// Family, layers, heads, sizes, dtype and tokenizer of an HF model folder (or what a GGUF file holds).
     Inspect {
         /// An HF model folder, or a .gguf file.
@@ -387,6 +394,7 @@ pub struct Job {
 pub enum Task {
     Plugins,
     Describe(String),
+    NewPlugin { name: String, dir: Option<PathBuf> },
     Inspect(PathBuf),
     Import { gguf: PathBuf, out: PathBuf, dtype: Dtype, force: bool },
     Generate { model: PathBuf, prompt: String, max_tokens: usize, sampling: Sampling },
@@ -425,6 +433,7 @@ pub fn parse() -> Result<Job> {
     let task = match cli.command {
         Command::Plugins => Task::Plugins,
         Command::Describe { name } => Task::Describe(name),
+        Command::NewPlugin { name, dir } => Task::NewPlugin { name, dir },
         Command::Inspect { model } => Task::Inspect(model),
         Command::Import { gguf, out, dtype, force } => Task::Import { gguf, out, dtype: parse_dtype(&dtype)?, force },
         Command::Generate { model, prompt, max_tokens, top_p, temperature, seed } => {

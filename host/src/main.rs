@@ -12,6 +12,7 @@ mod import;
 mod inheritune;
 mod inspect;
 mod model;
+mod newplugin;
 mod pipeline;
 mod plots;
 mod plugins;
@@ -59,6 +60,11 @@ fn run(job: Job) -> Result<()> {
     match job.task {
         Task::Plugins => present::list_plugins(&registry(), job.json),
         Task::Describe(name) => present::describe(&registry(), &name, job.json),
+        Task::NewPlugin { name, dir } => {
+            let dir = newplugin::create(&name, dir.as_deref())?;
+            println!("wrote the plugin crate {}: `cargo test --release` there, then see its README.md to load it", dir.display());
+            Ok(())
+        }
         Task::Inspect(path) if path.extension().is_some_and(|e| e == "gguf") => inspect::inspect_gguf(&path, job.json),
         Task::Inspect(model) => inspect::inspect(&Checkpoint::open(&model)?, job.json),
         Task::Import { gguf, out, dtype, force } => import::import(&gguf, &out, dtype, force),

@@ -151,7 +151,7 @@ pub fn prepare<'r>(recipe: &'r Recipe, opts: &Options) -> Result<Prepared<'r>> {
             let text = std::fs::read_to_string(file).with_context(|| format!("reading reports {}", file.display()))?;
             let reports: Reports = serde_json::from_str(&text).with_context(|| format!("{} is not a reports.json written by scalpel", file.display()))?;
             for r in reports.0.values() {
-                check_report(r, ckpt.dims.layers).with_context(|| format!("{} does not describe {}", file.display(), model_dir.display()))?;
+                r.check(ckpt.dims.layers).with_context(|| format!("{} does not describe {}", file.display(), model_dir.display()))?;
             }
             reports
         }
@@ -275,7 +275,7 @@ pub fn analyze(item: &crate::plugins::ItemRef, session: &Session, config: &Value
     let out = item.call(session, config, &json!({}))?;
     let mut report: Report = serde_json::from_value(out).with_context(|| format!("`{name}` returned a malformed report"))?;
     report.analyzer = name.to_string();
-    check_report(&report, session.info().layers)?;
+    report.check(session.info().layers)?;
     Ok(report)
 }
 
@@ -284,18 +284,6 @@ fn call_strategy(item: &crate::plugins::ItemRef, model: &dyn ModelSource, step: 
     serde_json::from_value(out).with_context(|| format!("`{}` returned a malformed plan", item.item.name))
 }
 
-/// A report must describe this model's layers, with finite numbers.
-fn check_report(r: &Report, layers: usize) -> Result<()> {
-    for m in &r.metrics {
-        if m.per_layer.len() != layers {
-            bail!("analyzer `{}` reported {} values of `{}` for a model of {layers} layers", r.analyzer, m.per_layer.len(), m.name);
-        }
-        if let Some(l) = m.per_layer.iter().position(|v| !v.is_finite()) {
-            bail!("analyzer `{}` reported a non-finite `{}` for layer {l}", r.analyzer, m.name);
-        }
-    }
-    Ok(())
-}
 
 /// A model folder's name, for figure titles and labels.
 pub fn model_name(dir: &Path) -> String {

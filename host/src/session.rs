@@ -39,6 +39,7 @@ impl<'a> Session<'a> {
                 _ => "cpu".into(),
             },
             tensors: ckpt.names().map(String::from).collect(),
+            block_prefix: ckpt.arch.tensors.block.clone(),
             calibration: windows.as_ref().map(|w| Calibration {
                 sequences: w.ids.size()[0] as usize,
                 tokens: w.ids.size()[1] as usize,

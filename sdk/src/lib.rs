@@ -8,6 +8,7 @@
 //! | [`Report`] | what an analyzer found: named metrics per layer (and per head), plus notes |
 //! | [`Plan`] | what a strategy wants done: output layer `j` is a copy of input layer `i`, plus per-layer edits |
 //! | [`Reports`] | the reports of earlier steps, by analyzer name, for strategies that choose from evidence |
+//! | [`testing`] | an in-memory model and typed calls, to test items without the host |
 //! | a config | an ordinary `serde` + `schemars` struct with `Default`; its doc comments become `scalpel describe` |
 //!
 //! | verb | trait |
@@ -54,8 +55,9 @@ mod model;
 mod plan;
 mod registry;
 mod report;
+pub mod testing;
 
-pub use model::{Calibration, Model, ModelInfo, ModelSource};
+pub use model::{Block, Calibration, Model, ModelInfo, ModelSource};
 pub use plan::{check_depth, Edit, LayerSource, Plan, MAX_LAYERS};
 pub use registry::{Item, ItemKind};
 pub use report::{LayerMark, Metric, Presentation, Report, Reports};
@@ -66,6 +68,8 @@ pub use anyhow::{anyhow, bail, ensure, Context, Error};
 
 /// The SDK's own version: a plugin built against another minor version (0.x) is refused.
 pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The folder this SDK was built from: `scalpel new-plugin` points a new crate's `scalpel-sdk` dependency here.
+pub const SOURCE_DIR: &str = env!("CARGO_MANIFEST_DIR");
 /// The `tch` crate every plugin and the host must share (they share one libtorch).
 pub const TCH_VERSION: &str = "0.24.0";
 /// The libtorch release that `tch` [`TCH_VERSION`] binds.
@@ -76,15 +80,21 @@ pub const LIBTORCH_VERSION: &str = "2.11.0";
 pub trait Config: serde::de::DeserializeOwned + serde::Serialize + schemars::JsonSchema + Default {}
 impl<T: serde::de::DeserializeOwned + serde::Serialize + schemars::JsonSchema + Default> Config for T {}
 
-/// Looks at a model and reports what it finds. The first verb.
+/// Looks at a model and reports what it finds: the first verb.
 pub trait Analyzer: Sync + 'static {
+    /// Its settings, from `--set key=value` or a recipe table.
     type Config: Config;
+    /// The report on `model`: one value per layer for each metric.
     fn analyze(&self, model: &Model, config: &Self::Config) -> Result<Report>;
 }
 
-/// Decides what to cut, repeat or insert, as a [`Plan`] the host validates, composes and writes. The second verb.
+/// Decides what to cut, repeat or insert: the second verb.
+///
+/// Its [`Plan`] is validated, composed with the plans of earlier strategies ([`Plan::then`]) and written by the host.
 pub trait Strategy: Sync + 'static {
+    /// Its settings, from `--set key=value` or a recipe table.
     type Config: Config;
+    /// The plan for `model`, from the reports of earlier steps (found by analyzer name, see [`Reports`]).
     fn plan(&self, model: &Model, config: &Self::Config, reports: &Reports) -> Result<Plan>;
     /// The analyzers whose reports `plan` reads with this config. The host runs those missing with
     /// their defaults before planning, so `apply -s NAME` works without naming them. Optional.

@@ -1,10 +1,17 @@
 //! What strategies return: a layer map (output block `j` is a copy of input block `from`) plus edits.
 //! Plans compose, validate, print as a dry run, and are written once by the host.
+//!
+//! How plans compose: the host runs a recipe's strategies in order. The first one plans against the input
+//! model; each later one sees the model the plans so far make (its layer count and weights, through the layer
+//! map) and indexes *that* model's blocks. The host joins them with [`Plan::then`], so output block `j` of the
+//! whole recipe comes from input block `first.layers[second.layers[j].from].from`, with both plans' edits, and
+//! writes the model once at the end.
 
 use crate::Result;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
+/// A strategy's answer: which input block each output block copies, plus parts to re-initialise and why.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     /// Output block `j` comes from input block `layers[j].from`.
@@ -21,6 +28,7 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
+/// Where one output block comes from: a copy of input block `from`, with `edits` applied.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerSource {
     pub from: usize,
@@ -66,6 +74,7 @@ impl Plan {
         Plan { layers, ..Self::default() }
     }
 
+    /// The plan with a note on why added (shown by `--dry-run`, kept in the output's record).
     pub fn note(mut self, note: impl Into<String>) -> Self {
         self.notes.push(note.into());
         self
@@ -77,6 +86,9 @@ impl Plan {
     }
 
     /// `next` applied to the output of `self`: `next`'s indices refer to `self`'s output blocks.
+    ///
+    /// Edits follow their block (a block zeroed by either plan stays zeroed), re-initialised parts add up, and
+    /// the notes of both are kept in order.
     pub fn then(&self, next: &Plan) -> Result<Plan> {
         next.validate(self.layers.len())?;
         let layers = next

@@ -3,6 +3,7 @@
 use crate::{Analyzer, Config, Model, Reports, Result, Strategy};
 use serde::{Deserialize, Serialize};
 
+/// Whether an item reports ([`Analyzer`]) or plans ([`Strategy`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ItemKind {
@@ -21,8 +22,10 @@ impl std::fmt::Display for ItemKind {
 
 /// A registered analyzer or strategy.
 pub struct Item {
+    /// The kebab-case name recipes and reports use.
     pub name: &'static str,
     pub kind: ItemKind,
+    /// The doc comment of its registration.
     pub doc: &'static str,
     /// An analyzer `scalpel analyze` runs when none is named.
     pub by_default: bool,
@@ -30,15 +33,18 @@ pub struct Item {
 }
 
 impl Item {
+    /// An analyzer registration (what [`analyzer!`](crate::analyzer) writes).
     pub const fn analyzer(name: &'static str, doc: &'static str, erased: &'static dyn Erased) -> Self {
         Item { name, kind: ItemKind::Analyzer, doc, by_default: false, erased }
     }
     pub const fn by_default(self) -> Self {
         Item { by_default: true, ..self }
     }
+    /// A strategy registration (what [`strategy!`](crate::strategy) writes).
     pub const fn strategy(name: &'static str, doc: &'static str, erased: &'static dyn Erased) -> Self {
         Item { name, kind: ItemKind::Strategy, doc, by_default: false, erased }
     }
+    /// The JSON schema of its config.
     pub fn schema(&self) -> serde_json::Value {
         self.erased.schema()
     }
@@ -58,6 +64,11 @@ pub(crate) fn needs(name: &str, config: &str) -> Result<Vec<String>> {
     find(name)?.erased.needs(serde_json::from_str(config)?)
 }
 
+/// The registered item whose Rust type is `T`, for tests that name an item by its type.
+pub(crate) fn item_of_type<T: 'static>() -> Option<&'static Item> {
+    items().find(|it| it.erased.item_type() == std::any::TypeId::of::<T>())
+}
+
 pub(crate) fn run(name: &str, model: &Model, config: &str, reports: &str) -> Result<serde_json::Value> {
     let item = find(name)?;
     let config: serde_json::Value = serde_json::from_str(config)?;
@@ -67,17 +78,26 @@ pub(crate) fn run(name: &str, model: &Model, config: &str, reports: &str) -> Res
 
 /// An analyzer or strategy with its config type erased.
 pub trait Erased: Sync {
+    /// The JSON schema of its config.
     fn schema(&self) -> serde_json::Value;
+    /// The analyzer's or strategy's own type.
+    fn item_type(&self) -> std::any::TypeId;
+    /// Parses the config and runs the item: its report or plan as JSON.
     fn run(&self, model: &Model, config: serde_json::Value, reports: &Reports) -> Result<serde_json::Value>;
     fn needs(&self, config: serde_json::Value) -> Result<Vec<String>>;
 }
 
+/// An [`Analyzer`] behind the erased interface.
 pub struct AsAnalyzer<A>(pub A);
+/// A [`Strategy`] behind the erased interface.
 pub struct AsStrategy<S>(pub S);
 
 impl<A: Analyzer> Erased for AsAnalyzer<A> {
     fn schema(&self) -> serde_json::Value {
         schema::<A::Config>()
+    }
+    fn item_type(&self) -> std::any::TypeId {
+        std::any::TypeId::of::<A>()
     }
     fn run(&self, model: &Model, config: serde_json::Value, _: &Reports) -> Result<serde_json::Value> {
         let config = parse_config::<A::Config>(config)?;
@@ -91,6 +111,9 @@ impl<A: Analyzer> Erased for AsAnalyzer<A> {
 impl<S: Strategy> Erased for AsStrategy<S> {
     fn schema(&self) -> serde_json::Value {
         schema::<S::Config>()
+    }
+    fn item_type(&self) -> std::any::TypeId {
+        std::any::TypeId::of::<S>()
     }
     fn run(&self, model: &Model, config: serde_json::Value, reports: &Reports) -> Result<serde_json::Value> {
         let config = parse_config::<S::Config>(config)?;

@@ -7,6 +7,7 @@ mod depth_pruning;
 mod hardening;
 mod inheritune;
 mod models;
+mod kit;
 mod plugins;
 mod qwen25;
 mod smollm2;

@@ -382,3 +382,20 @@ fn status(mut cmd: Command) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dist_packs_the_builtin_sets_and_never_an_example() {
+        let names = builtin_plugins(&repo_root()).unwrap();
+        for set in ["libscalpel_plugin_depth_pruning.so", "libscalpel_plugin_inheritune.so"] {
+            assert!(names.iter().any(|n| n == set), "{set} missing from {names:?}");
+        }
+        assert!(names.iter().all(|n| !n.contains("example") && !n.contains("hello")), "{names:?}");
+        // The example's library name keeps it off the plugin path, and so out of `dist/plugins`.
+        let example = std::fs::read_to_string(repo_root().join("examples/hello-plugin/Cargo.toml")).unwrap();
+        assert!(example.contains("name = \"scalpel_example_hello\""), "{example}");
+    }
+}

@@ -1,6 +1,7 @@
-//! A complete third-party scalpel plugin: one analyzer and one strategy. Copy this folder to start yours.
+//! A complete third-party scalpel plugin: one analyzer, one strategy, and their tests without the host.
 //! Build with `cargo build --release`, then load it with `scalpel --plugins target/release/libscalpel_example_hello.so`
-//! (an example stays off the default plugin path; see Cargo.toml for naming yours).
+//! (an example stays off the default plugin path; see Cargo.toml for naming yours). `scalpel new-plugin NAME`
+//! writes a crate like this one that builds outside the repository.
 
 use scalpel_sdk::prelude::*;
 
@@ -21,9 +22,10 @@ impl Analyzer for WeightNorms {
         let mut norms = vec![0.0; info.layers];
         let mut device = Device::Cpu;
         for (layer, norm) in norms.iter_mut().enumerate() {
-            let prefix = format!(".{layer}.");
-            for name in info.tensors.iter().filter(|n| n.contains(&prefix) && n.ends_with("weight")) {
-                let t = model.tensor(name)?;
+            // A block's tensors by their name inside the block (`self_attn.q_proj.weight`), whatever the family.
+            let block = model.block(layer)?;
+            for name in block.names().into_iter().filter(|n| n.ends_with("weight")) {
+                let t = block.tensor(name)?;
                 device = t.device();
                 let scale = if config.per_element { (t.numel() as f64).sqrt() } else { 1.0 };
                 *norm += t.to_kind(Kind::Double).norm().double_value(&[]) / scale;
@@ -61,3 +63,34 @@ scalpel_sdk::strategy! {
     "drop-layers" => DropLayers
 }
 scalpel_sdk::export_plugin!();
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scalpel_sdk::testing::{run_analyzer, run_strategy, TestModel};
+
+    #[test]
+    fn weight_norms_sum_every_weight_of_each_block() {
+        let model = TestModel::tiny();
+        let report = run_analyzer::<WeightNorms>(&model, WeightNormsConfig::default()).unwrap();
+        let info = scalpel_sdk::ModelSource::info(&model);
+        let norm = |name: &String| scalpel_sdk::ModelSource::tensor(&model, name).unwrap().to_kind(Kind::Double).norm().double_value(&[]);
+        let want: Vec<f64> = (0..info.layers)
+            .map(|l| info.tensors.iter().filter(|n| n.starts_with(&format!("model.layers.{l}."))).map(norm).sum())
+            .collect();
+        let got = &report.get("weight_norm").unwrap().per_layer;
+        assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-9 * w), "{got:?} vs {want:?}");
+        let rms = run_analyzer::<WeightNorms>(&model, WeightNormsConfig { per_element: true }).unwrap();
+        assert!(rms.get("weight_norm").unwrap().per_layer.iter().zip(got).all(|(r, n)| r < n), "an RMS is below the norm of a tensor of many elements");
+    }
+
+    #[test]
+    fn drop_layers_keeps_the_rest_in_order() {
+        let plan = run_strategy::<DropLayers>(&TestModel::shape(5), DropLayersConfig { layers: vec![3, 1] }, &Reports::default()).unwrap();
+        assert_eq!(plan.sources(), [0, 2, 4]);
+        let e = run_strategy::<DropLayers>(&TestModel::shape(2), DropLayersConfig { layers: vec![0, 1] }, &Reports::default()).unwrap_err();
+        assert!(e.to_string().contains("keeps no layer"), "{e}");
+        let e = run_strategy::<DropLayers>(&TestModel::shape(2), serde_json::json!({"layer": [0]}), &Reports::default()).unwrap_err();
+        assert!(e.to_string().contains("unknown config key `layer`"), "{e}");
+    }
+}

@@ -217,20 +217,26 @@ fn std(values: &[f64]) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::AngularTable;
-    use crate::testing::{run, Hidden};
+    use super::{AngularDistance, AngularTable, BlockInfluence};
     use scalpel_sdk::prelude::*;
+    use scalpel_sdk::testing::{run_analyzer, TestModel};
+    use serde_json::json;
     use std::f64::consts::PI;
 
     const T: i64 = 4;
     const D: i64 = 8;
 
-    fn analyze(item: &str, model: &Hidden) -> Report {
-        run(item, model, "{}", &Reports::default()).unwrap()
+    fn analyze<A: Analyzer>(model: &TestModel) -> Report {
+        run_analyzer::<A>(model, json!({})).unwrap()
     }
 
-    fn table(model: &Hidden) -> AngularTable {
-        serde_json::from_value(analyze("angular-distance", model).extra).unwrap()
+    fn table(model: &TestModel) -> AngularTable {
+        serde_json::from_value(analyze::<AngularDistance>(model).extra).unwrap()
+    }
+
+    /// The same `[T, d]` states in every one of `sequences` windows.
+    fn repeated(states: Vec<Tensor>, sequences: i64) -> TestModel {
+        TestModel::from_hidden(states.into_iter().map(|s| s.unsqueeze(0).repeat([sequences, 1, 1])).collect())
     }
 
     /// Every token of every block's input along the 2-D direction at `angle` radians, `[T, D]`.
@@ -248,8 +254,8 @@ mod tests {
     #[test]
     fn identical_states_have_no_influence_and_no_distance() {
         let x = Tensor::randn([3, T, D], (Kind::Double, Device::Cpu));
-        let model = Hidden::new(vec![x.copy(), x.copy(), x.copy(), x]);
-        let bi = analyze("block-influence", &model);
+        let model = TestModel::from_hidden(vec![x.copy(), x.copy(), x.copy(), x]);
+        let bi = analyze::<BlockInfluence>(&model);
         assert_close(&bi.get("bi").unwrap().per_layer, &[0.0; 3], 1e-15);
         // arccos is steep at 1: a cosine one ulp below 1 is an angle of 2e-8.
         let t = table(&model);
@@ -260,8 +266,8 @@ mod tests {
     #[test]
     fn orthogonal_states_have_influence_one_and_distance_one_half() {
         let states = (0..5).map(|l| Tensor::eye(D, (Kind::Double, Device::Cpu)).narrow(0, l, 1).repeat([T, 1])).collect();
-        let model = Hidden::repeated(states, 2);
-        assert_close(&analyze("block-influence", &model).get("bi").unwrap().per_layer, &[1.0; 4], 1e-15);
+        let model = repeated(states, 2);
+        assert_close(&analyze::<BlockInfluence>(&model).get("bi").unwrap().per_layer, &[1.0; 4], 1e-15);
         let t = table(&model);
         assert!(t.distance.iter().flatten().all(|&d| (d - 0.5).abs() < 1e-15), "{:?}", t.distance);
     }
@@ -269,8 +275,8 @@ mod tests {
     #[test]
     fn opposite_states_have_influence_two_and_distance_one() {
         let x = Tensor::randn([T, D], (Kind::Double, Device::Cpu));
-        let model = Hidden::repeated(vec![x.copy(), -&x, x.copy()], 2);
-        assert_close(&analyze("block-influence", &model).get("bi").unwrap().per_layer, &[2.0, 2.0], 1e-12);
+        let model = repeated(vec![x.copy(), -&x, x.copy()], 2);
+        assert_close(&analyze::<BlockInfluence>(&model).get("bi").unwrap().per_layer, &[2.0, 2.0], 1e-12);
         // Cosines of -1 - ε are clamped: no NaN.
         let t = table(&model);
         assert_close(&t.distance[0], &[1.0, 0.0], 1e-7);
@@ -280,13 +286,13 @@ mod tests {
     #[test]
     fn a_turn_of_sixty_degrees_per_block() {
         // Block l turns the stream by 60°: runs of n blocks turn it by 60n°, seen as at most 180°.
-        let model = Hidden::repeated((0..5).map(|l| at_angle(l as f64 * PI / 3.0)).collect(), 2);
-        let report = analyze("block-influence", &model);
+        let model = repeated((0..5).map(|l| at_angle(l as f64 * PI / 3.0)).collect(), 2);
+        let report = analyze::<BlockInfluence>(&model);
         assert_close(&report.get("bi").unwrap().per_layer, &[0.5; 4], 1e-12);
         let t = table(&model);
         assert_close(&t.distance[0], &[1.0 / 3.0, 2.0 / 3.0, 1.0, 2.0 / 3.0], 1e-7);
         assert_close(&t.starts(2), &[2.0 / 3.0; 3], 1e-7);
-        let report = analyze("angular-distance", &model);
+        let report = analyze::<AngularDistance>(&model);
         assert_close(&report.get("distance_n1").unwrap().per_layer, &[1.0 / 3.0; 4], 1e-12);
     }
 
@@ -300,8 +306,8 @@ mod tests {
                 s
             })
             .collect();
-        let model = Hidden::repeated(states, 3);
-        assert_close(&analyze("block-influence", &model).get("bi").unwrap().per_layer, &[1.0 / T as f64; 3], 1e-12);
+        let model = repeated(states, 3);
+        assert_close(&analyze::<BlockInfluence>(&model).get("bi").unwrap().per_layer, &[1.0 / T as f64; 3], 1e-12);
         assert_close(&table(&model).distance[0], &[0.5, 1.0, 0.5], 1e-7);
     }
 
@@ -309,16 +315,16 @@ mod tests {
     fn spreads_and_means_are_over_windows() {
         // Window 0 never turns; window 1 turns by 90° in block 0 only.
         let e = |i| Tensor::eye(D, (Kind::Double, Device::Cpu)).narrow(0, i, 1).repeat([T, 1]);
-        let model = Hidden::new(vec![
+        let model = TestModel::from_hidden(vec![
             Tensor::stack(&[e(0), e(0)], 0),
             Tensor::stack(&[e(0), e(1)], 0),
             Tensor::stack(&[e(0), e(1)], 0),
         ]);
-        let bi = analyze("block-influence", &model);
+        let bi = analyze::<BlockInfluence>(&model);
         let bi = bi.get("bi").unwrap();
         assert_close(&bi.per_layer, &[0.5, 0.0], 1e-15);
         assert_close(bi.per_layer_spread.as_ref().unwrap(), &[0.5, 0.0], 1e-15);
-        let report = analyze("angular-distance", &model);
+        let report = analyze::<AngularDistance>(&model);
         let d = report.get("distance_n1").unwrap();
         assert_close(&d.per_layer, &[0.25, 0.0], 1e-7);
         assert_close(d.per_layer_spread.as_ref().unwrap(), &[0.25, 0.0], 1e-7);
@@ -328,8 +334,8 @@ mod tests {
     fn the_best_start_for_each_block_size_is_the_closest_run() {
         // Angles 0°, 90°, 100°, 112°, 200°, 203°: a different run is closest for each size.
         let degrees = [0.0, 90.0, 100.0, 112.0, 200.0, 203.0];
-        let model = Hidden::repeated(degrees.iter().map(|d: &f64| at_angle(d.to_radians())).collect(), 2);
-        let report = analyze("angular-distance", &model);
+        let model = repeated(degrees.iter().map(|d: &f64| at_angle(d.to_radians())).collect(), 2);
+        let report = analyze::<AngularDistance>(&model);
         let t: AngularTable = serde_json::from_value(report.extra.clone()).unwrap();
         let best: Vec<(usize, usize)> = t.best.iter().map(|b| (b.n, b.start)).collect();
         // n = 1: 4..5 turns 3°; n = 2: 1..3 turns 22°; n = 3: 2..5 turns 103°; n = 4: 1..5 turns 113°;
@@ -341,9 +347,9 @@ mod tests {
 
     #[test]
     fn a_model_without_hidden_states_and_a_stray_setting_are_errors() {
-        let e = run::<Report>("block-influence", &crate::testing::shape(2), "{}", &Reports::default()).unwrap_err();
+        let e = run_analyzer::<BlockInfluence>(&TestModel::shape(2), json!({})).unwrap_err();
         assert!(e.to_string().contains("no hidden states entering layer 0"), "{e}");
-        let e = run::<Report>("angular-distance", &crate::testing::shape(2), r#"{"n": 1}"#, &Reports::default()).unwrap_err();
+        let e = run_analyzer::<AngularDistance>(&TestModel::shape(2), json!({"n": 1})).unwrap_err();
         assert!(e.to_string().contains("unknown config key `n`"), "{e}");
     }
 }

@@ -187,11 +187,14 @@ scalpel_sdk::strategy! {
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::{run, shape, Hidden};
+    use super::{DropLayers, PruneBlock};
+    use crate::analyzers::AngularDistance;
     use scalpel_sdk::prelude::*;
+    use scalpel_sdk::testing::{run_analyzer, run_strategy, TestModel};
 
-    fn plan(item: &str, layers: usize, config: &str, reports: &Reports) -> Result<Plan> {
-        run(item, &shape(layers), config, reports)
+    /// Runs a strategy on a model of `layers` blocks through the plugin boundary, as the host does.
+    fn plan<S: Strategy>(layers: usize, config: &str, reports: &Reports) -> Result<Plan> {
+        run_strategy::<S>(&TestModel::shape(layers), serde_json::from_str::<serde_json::Value>(config)?, reports)
     }
 
     fn report(analyzer: &str, metric: &str, values: &[f64]) -> Reports {
@@ -205,7 +208,7 @@ mod tests {
     #[test]
     fn drop_layers_removes_the_lowest_scores_with_the_evidence() {
         let reports = report("block-influence", "bi", &[0.9, 0.05, 0.3, 0.02, 0.2, 0.6]);
-        let p = plan("drop-layers", 6, r#"{"count": 2}"#, &reports).unwrap();
+        let p = plan::<DropLayers>(6, r#"{"count": 2}"#, &reports).unwrap();
         assert_eq!(p.sources(), [0, 2, 4, 5]);
         assert!(p.notes[0].contains("removed blocks [3, 1]") && p.notes[0].contains("block-influence.bi") && p.notes[0].contains("3:0.0200"), "{:?}", p.notes);
     }
@@ -213,33 +216,33 @@ mod tests {
     #[test]
     fn drop_layers_reads_any_named_metric_and_breaks_ties_by_order() {
         let reports = report("weight-norms", "weight_norm", &[1.0, 0.5, 0.5, 2.0]);
-        let p = plan("drop-layers", 4, r#"{"metric": "weight-norms.weight_norm", "count": 1}"#, &reports).unwrap();
+        let p = plan::<DropLayers>(4, r#"{"metric": "weight-norms.weight_norm", "count": 1}"#, &reports).unwrap();
         assert_eq!(p.sources(), [0, 2, 3]);
     }
 
     #[test]
     fn drop_layers_with_an_explicit_list_needs_no_report() {
-        let p = plan("drop-layers", 5, r#"{"layers": [4, 1]}"#, &Reports::default()).unwrap();
+        let p = plan::<DropLayers>(5, r#"{"layers": [4, 1]}"#, &Reports::default()).unwrap();
         assert_eq!(p.sources(), [0, 2, 3]);
-        let e = plan("drop-layers", 5, r#"{"layers": [1, 5]}"#, &Reports::default()).unwrap_err().to_string();
+        let e = plan::<DropLayers>(5, r#"{"layers": [1, 5]}"#, &Reports::default()).unwrap_err().to_string();
         assert!(e.contains("layer 5 does not exist"), "{e}");
-        let e = plan("drop-layers", 5, r#"{"layers": [2, 2]}"#, &Reports::default()).unwrap_err().to_string();
+        let e = plan::<DropLayers>(5, r#"{"layers": [2, 2]}"#, &Reports::default()).unwrap_err().to_string();
         assert!(e.contains("listed twice"), "{e}");
-        let e = plan("drop-layers", 2, r#"{"layers": [0, 1]}"#, &Reports::default()).unwrap_err().to_string();
+        let e = plan::<DropLayers>(2, r#"{"layers": [0, 1]}"#, &Reports::default()).unwrap_err().to_string();
         assert!(e.contains("would leave none"), "{e}");
     }
 
     #[test]
     fn drop_layers_explains_what_is_missing_or_wrong() {
         let bi = report("block-influence", "bi", &[0.1, 0.2, 0.3]);
-        let e = |config: &str, reports: &Reports| plan("drop-layers", 3, config, reports).unwrap_err().to_string();
+        let e = |config: &str, reports: &Reports| plan::<DropLayers>(3, config, reports).unwrap_err().to_string();
         assert!(e("{}", &bi).contains("give `count`"));
         assert!(e(r#"{"count": 1, "layers": [0]}"#, &bi).contains("not both"));
         assert!(e(r#"{"count": 1}"#, &Reports::default()).contains("run the `block-influence` analyzer"));
         assert!(e(r#"{"count": 3}"#, &bi).contains("must be in 1..3"));
         assert!(e(r#"{"count": 1, "metric": "bi"}"#, &bi).contains("REPORT.METRIC"));
         assert!(e(r#"{"count": 1, "metric": "block-influence.cos"}"#, &bi).contains("has no metric `cos`"));
-        let e = plan("drop-layers", 4, r#"{"count": 1}"#, &bi).unwrap_err().to_string();
+        let e = plan::<DropLayers>(4, r#"{"count": 1}"#, &bi).unwrap_err().to_string();
         assert!(e.contains("covers 3 layers, the model has 4"), "{e}");
     }
 
@@ -252,8 +255,7 @@ mod tests {
                 v.view([1, 1, 2]).repeat([2, 3, 1])
             })
             .collect();
-        let mut r: Report = run("angular-distance", &Hidden::new(states), "{}", &Reports::default()).unwrap();
-        r.analyzer = "angular-distance".into();
+        let r = run_analyzer::<AngularDistance>(&TestModel::from_hidden(states), serde_json::json!({})).unwrap();
         let mut reports = Reports::default();
         reports.insert(r);
         reports
@@ -263,17 +265,17 @@ mod tests {
     fn prune_block_removes_the_closest_run_of_n() {
         // Inputs of blocks 0..6 at these angles: blocks 2..4 turn the stream by 5° together.
         let reports = angular(&[0.0, 60.0, 120.0, 123.0, 125.0, 170.0, 240.0]);
-        let p = plan("prune-block", 6, r#"{"n": 2}"#, &reports).unwrap();
+        let p = plan::<PruneBlock>(6, r#"{"n": 2}"#, &reports).unwrap();
         assert_eq!(p.sources(), [0, 1, 4, 5]);
         assert!(p.notes[0].contains("removed blocks 2..4") && p.notes[0].contains("d(2, 2) = 0.0278"), "{:?}", p.notes);
-        let p = plan("prune-block", 6, r#"{"n": 1}"#, &reports).unwrap();
+        let p = plan::<PruneBlock>(6, r#"{"n": 1}"#, &reports).unwrap();
         assert_eq!(p.sources(), [0, 1, 2, 4, 5]);
     }
 
     #[test]
     fn prune_block_explains_what_is_missing_or_wrong() {
         let reports = angular(&[0.0, 10.0, 30.0, 60.0]);
-        let e = |config: &str, layers, reports: &Reports| plan("prune-block", layers, config, reports).unwrap_err().to_string();
+        let e = |config: &str, layers, reports: &Reports| plan::<PruneBlock>(layers, config, reports).unwrap_err().to_string();
         assert!(e("{}", 3, &reports).contains("give `n`"));
         assert!(e(r#"{"n": 3}"#, 3, &reports).contains("must be in 1..3"));
         assert!(e(r#"{"n": 1}"#, 3, &Reports::default()).contains("run the `angular-distance` analyzer"));

@@ -288,57 +288,30 @@ fn std(values: &[f64]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use super::{AttnEntropy, AttnMass, AttnRank};
     use crate::metrics::tests::{identity, sink, uniform};
-    use scalpel_sdk::abi::{call_item, local_plugin, read_manifest};
+    use scalpel_sdk::abi::{local_plugin, read_manifest};
     use scalpel_sdk::prelude::*;
-    use scalpel_sdk::{Calibration, ModelInfo, ModelSource};
+    use scalpel_sdk::testing::{run_analyzer, TestModel};
+    use serde_json::json;
 
     const T: i64 = 100;
-
-    /// Two sequences, three heads, five layers of known attention.
-    struct Synthetic {
-        info: ModelInfo,
-    }
-
-    impl Synthetic {
-        fn new() -> Self {
-            let calibration = Calibration { sequences: 2, tokens: T as usize, source: "synthetic".into() };
-            Synthetic {
-                info: ModelInfo { layers: 5, heads: 3, calibration: Some(calibration), ..ModelInfo::default() },
-            }
-        }
-    }
 
     /// `[2, 3, T, T]` from a pattern per (sequence, head).
     fn layer(pattern: impl Fn(usize, usize) -> Tensor) -> Tensor {
         let seq = |n| Tensor::stack(&(0..3).map(|h| pattern(n, h)).collect::<Vec<_>>(), 0);
-        Tensor::stack(&[seq(0), seq(1)], 0).to_kind(Kind::Float)
+        Tensor::stack(&[seq(0), seq(1)], 0)
     }
 
-    impl ModelSource for Synthetic {
-        fn info(&self) -> &ModelInfo {
-            &self.info
-        }
-        fn tensor(&self, name: &str) -> Result<Tensor> {
-            bail!("no weight `{name}` in a synthetic model")
-        }
-        fn attention(&self, l: usize) -> Result<Tensor> {
-            Ok(match l {
-                0 => layer(|_, _| identity(T)),
-                1 => layer(|_, _| uniform(T)),
-                2 => layer(|_, h| if h < 2 { sink(T) } else { sink(T) * 0.9 + uniform(T) * 0.1 }),
-                3 => layer(|_, h| [identity(T), uniform(T), sink(T)][h].shallow_clone()),
-                _ => layer(|n, _| if n == 0 { identity(T) } else { sink(T) }),
-            })
-        }
-        fn hidden(&self, _: usize) -> Result<Tensor> {
-            bail!("no hidden states in a synthetic model")
-        }
-    }
-
-    fn run(item: &str, config: &str) -> Result<Report> {
-        let json = call_item(local_plugin(), item, &Synthetic::new(), config, "")?;
-        Ok(serde_json::from_str(&json)?)
+    /// Two sequences, three heads, five layers of known attention.
+    fn synthetic() -> TestModel {
+        TestModel::from_attention(vec![
+            layer(|_, _| identity(T)),
+            layer(|_, _| uniform(T)),
+            layer(|_, h| if h < 2 { sink(T) } else { sink(T) * 0.9 + uniform(T) * 0.1 }),
+            layer(|_, h| [identity(T), uniform(T), sink(T)][h].shallow_clone()),
+            layer(|n, _| if n == 0 { identity(T) } else { sink(T) }),
+        ])
     }
 
     /// Equal up to the float32 rounding of the attention the model hands out.
@@ -349,7 +322,7 @@ mod tests {
 
     #[test]
     fn rank_through_the_plugin_boundary() {
-        let report = run("attn-rank", "{}").unwrap();
+        let report = run_analyzer::<AttnRank>(&synthetic(), json!({})).unwrap();
         let max = report.get("max_rank").unwrap();
         assert_eq!(max.per_layer, [90.0, 5.0, 1.0, 90.0, 45.5]);
         assert_eq!(max.per_head.as_ref().unwrap()[3], [90.0, 5.0, 1.0]);
@@ -363,27 +336,27 @@ mod tests {
 
     #[test]
     fn rank_settings_change_the_result() {
-        let max = |config| run("attn-rank", config).unwrap().get("max_rank").unwrap().clone();
-        assert_eq!(max(r#"{"tau":0.5}"#).per_layer[0], 50.0);
-        assert_eq!(max(r#"{"precision":"f32"}"#).per_layer, [90.0, 5.0, 1.0, 90.0, 45.5]);
-        let mean_matrix = max(r#"{"mode":"mean-matrix"}"#);
+        let max = |config| run_analyzer::<AttnRank>(&synthetic(), config).unwrap().get("max_rank").unwrap().clone();
+        assert_eq!(max(json!({"tau": 0.5})).per_layer[0], 50.0);
+        assert_eq!(max(json!({"precision": "f32"})).per_layer, [90.0, 5.0, 1.0, 90.0, 45.5]);
+        let mean_matrix = max(json!({"mode": "mean-matrix"}));
         assert_eq!(mean_matrix.per_layer[..4], [90.0, 5.0, 1.0, 90.0]);
         assert_eq!((mean_matrix.per_layer_spread, mean_matrix.per_head_spread), (None, None));
     }
 
     #[test]
     fn bad_settings_are_refused_by_name() {
-        let e = run("attn-rank", r#"{"taux":0.5}"#).unwrap_err().to_string();
+        let e = run_analyzer::<AttnRank>(&synthetic(), json!({"taux": 0.5})).unwrap_err().to_string();
         assert!(e.contains("taux"), "{e}");
-        let e = run("attn-mass", r#"{"eta":1.5}"#).unwrap_err().to_string();
+        let e = run_analyzer::<AttnMass>(&synthetic(), json!({"eta": 1.5})).unwrap_err().to_string();
         assert!(e.contains("eta"), "{e}");
-        let e = run("attn-entropy", r#"{"tau":0.9}"#).unwrap_err().to_string();
+        let e = run_analyzer::<AttnEntropy>(&synthetic(), json!({"tau": 0.9})).unwrap_err().to_string();
         assert!(e.contains("tau"), "{e}");
     }
 
     #[test]
     fn mass_through_the_plugin_boundary() {
-        let report = run("attn-mass", "{}").unwrap();
+        let report = run_analyzer::<AttnMass>(&synthetic(), json!({})).unwrap();
         assert_close(&report.get("avg_mass").unwrap().per_layer, &[90.0, 30.0, 1.0, 121.0 / 3.0, 45.5]);
         assert_eq!(report.get("max_mass").unwrap().per_layer, [90.0, 30.0, 1.0, 90.0, 45.5]);
         assert_eq!(report.get("avg_mass").unwrap().per_head_spread.as_ref().unwrap()[4], [44.5; 3]);
@@ -391,7 +364,7 @@ mod tests {
 
     #[test]
     fn entropy_through_the_plugin_boundary() {
-        let report = run("attn-entropy", "{}").unwrap();
+        let report = run_analyzer::<AttnEntropy>(&synthetic(), json!({})).unwrap();
         let entropy = &report.get("entropy").unwrap().per_layer;
         assert_eq!((entropy[0], entropy[4]), (0.0, 0.0));
         assert!((entropy[1] - 3.637).abs() < 5e-4, "{entropy:?}");

@@ -279,31 +279,12 @@ scalpel_sdk::strategy! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use scalpel_sdk::{abi, Metric, ModelInfo, ModelSource, Report};
+    use scalpel_sdk::testing::{run_strategy, TestModel};
+    use scalpel_sdk::{Metric, Report};
 
-    /// A model of `layers` blocks with no weights: strategies only read its shape.
-    struct Shape(ModelInfo);
-
-    impl ModelSource for Shape {
-        fn info(&self) -> &ModelInfo {
-            &self.0
-        }
-        fn tensor(&self, name: &str) -> Result<Tensor> {
-            bail!("no tensor {name}")
-        }
-        fn attention(&self, _: usize) -> Result<Tensor> {
-            bail!("no attention")
-        }
-        fn hidden(&self, _: usize) -> Result<Tensor> {
-            bail!("no hidden states")
-        }
-    }
-
-    /// Runs a strategy through the plugin boundary, as the host does.
-    fn plan(item: &str, layers: usize, config: &str, reports: &Reports) -> Result<Plan> {
-        let model = Shape(ModelInfo { layers, ..ModelInfo::default() });
-        let out = abi::call_item(abi::local_plugin(), item, &model, config, &serde_json::to_string(reports)?)?;
-        Ok(serde_json::from_str(&out)?)
+    /// Runs a strategy on a model of `layers` blocks through the plugin boundary, as the host does.
+    fn plan<S: Strategy>(layers: usize, config: &str, reports: &Reports) -> Result<Plan> {
+        run_strategy::<S>(&TestModel::shape(layers), serde_json::from_str::<serde_json::Value>(config)?, reports)
     }
 
     fn rank_report(max_rank: &[f64]) -> Reports {
@@ -316,7 +297,7 @@ mod tests {
 
     #[test]
     fn cutoff_keeps_a_given_prefix() {
-        let p = plan("cutoff", 12, r#"{"keep": 6}"#, &Reports::default()).unwrap();
+        let p = plan::<Cutoff>(12, r#"{"keep": 6}"#, &Reports::default()).unwrap();
         assert_eq!(p.sources(), (0..6).collect::<Vec<_>>());
         assert!(p.reinit.is_empty());
     }
@@ -325,93 +306,89 @@ mod tests {
     fn cutoff_finds_the_trailing_run_of_lazy_layers() {
         // Layer 2 is lazy but followed by a live layer: only the trailing run counts.
         let reports = rank_report(&[12.0, 30.0, 1.0, 4.0, 1.0, 1.0]);
-        let p = plan("cutoff", 6, "{}", &reports).unwrap();
+        let p = plan::<Cutoff>(6, "{}", &reports).unwrap();
         assert_eq!(p.sources(), vec![0, 1, 2, 3]);
         assert!(p.notes[0].contains("layers 4..6") && p.notes[0].contains("5:1.00"), "{:?}", p.notes);
     }
 
     #[test]
     fn cutoff_without_lazy_layers_explains_the_way_out() {
-        let e = plan("cutoff", 3, "{}", &rank_report(&[5.0, 3.0, 2.0])).unwrap_err().to_string();
+        let e = plan::<Cutoff>(3, "{}", &rank_report(&[5.0, 3.0, 2.0])).unwrap_err().to_string();
         assert!(e.contains("no trailing run") && e.contains("threshold") && e.contains("2:2.00"), "{e}");
-        let p = plan("cutoff", 3, r#"{"threshold": 3.0}"#, &rank_report(&[5.0, 3.0, 2.0])).unwrap();
+        let p = plan::<Cutoff>(3, r#"{"threshold": 3.0}"#, &rank_report(&[5.0, 3.0, 2.0])).unwrap();
         assert_eq!(p.sources(), vec![0]);
     }
 
     #[test]
     fn cutoff_falls_back_to_half_with_the_reason_when_asked() {
-        let p = plan("cutoff", 6, r#"{"fallback": "half"}"#, &rank_report(&[5.0, 3.0, 2.0, 9.0, 4.0, 3.0])).unwrap();
+        let p = plan::<Cutoff>(6, r#"{"fallback": "half"}"#, &rank_report(&[5.0, 3.0, 2.0, 9.0, 4.0, 3.0])).unwrap();
         assert_eq!(p.sources(), vec![0, 1, 2]);
         assert!(p.notes[0].contains("fallback") && p.notes[0].contains("no trailing run") && p.notes[0].contains("5:3.00"), "{:?}", p.notes);
     }
 
     #[test]
     fn cutoff_without_the_report_says_which_analyzer_to_run() {
-        let e = plan("cutoff", 4, "{}", &Reports::default()).unwrap_err().to_string();
+        let e = plan::<Cutoff>(4, "{}", &Reports::default()).unwrap_err().to_string();
         assert!(e.contains("attn-rank"), "{e}");
     }
 
     #[test]
     fn cutoff_in_the_released_code_reading_reinitialises_norm_and_positions() {
-        let p = plan("cutoff", 8, r#"{"rule": "half", "inherit": "released-code"}"#, &Reports::default()).unwrap();
+        let p = plan::<Cutoff>(8, r#"{"rule": "half", "inherit": "released-code"}"#, &Reports::default()).unwrap();
         assert_eq!(p.sources().len(), 4);
         assert_eq!(p.reinit, vec!["final_norm", "position_embedding"]);
     }
 
     #[test]
     fn stack_doubles_a_six_layer_model() {
-        let p = plan("stack", 6, "{}", &Reports::default()).unwrap();
+        let p = plan::<Stack>(6, "{}", &Reports::default()).unwrap();
         assert_eq!(p.sources(), vec![0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]);
-        let p = plan("stack", 6, r#"{"start": 2, "end": 4, "times": 3}"#, &Reports::default()).unwrap();
+        let p = plan::<Stack>(6, r#"{"start": 2, "end": 4, "times": 3}"#, &Reports::default()).unwrap();
         assert_eq!(p.sources(), vec![0, 1, 2, 3, 2, 3, 2, 3, 4, 5]);
     }
 
     #[test]
     fn duplicate_in_place_and_solar() {
-        let p = plan("duplicate", 4, r#"{"layers": [1, 3]}"#, &Reports::default()).unwrap();
+        let p = plan::<Duplicate>(4, r#"{"layers": [1, 3]}"#, &Reports::default()).unwrap();
         assert_eq!(p.sources(), vec![0, 1, 1, 2, 3, 3]);
-        let p = plan("duplicate", 8, r#"{"overlap": 2}"#, &Reports::default()).unwrap();
+        let p = plan::<Duplicate>(8, r#"{"overlap": 2}"#, &Reports::default()).unwrap();
         assert_eq!(p.sources(), vec![0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6, 7]);
     }
 
     #[test]
     fn duplicate_can_zero_only_the_copies() {
-        let p = plan("duplicate", 3, r#"{"layers": [1], "zero_copies": true}"#, &Reports::default()).unwrap();
+        let p = plan::<Duplicate>(3, r#"{"layers": [1], "zero_copies": true}"#, &Reports::default()).unwrap();
         let zeroed: Vec<bool> = p.layers.iter().map(|l| l.edits.contains(&Edit::ZeroOutput)).collect();
         assert_eq!(zeroed, vec![false, false, true, false]);
     }
 
     #[test]
     fn slices_match_mergekit_ranges_and_refuse_bad_ones() {
-        let p = plan("slices", 6, r#"{"ranges": [[0, 4], [2, 6]]}"#, &Reports::default()).unwrap();
+        let p = plan::<Slices>(6, r#"{"ranges": [[0, 4], [2, 6]]}"#, &Reports::default()).unwrap();
         assert_eq!(p.sources(), vec![0, 1, 2, 3, 2, 3, 4, 5]);
-        let e = plan("slices", 6, r#"{"ranges": [[0, 7]]}"#, &Reports::default()).unwrap_err().to_string();
+        let e = plan::<Slices>(6, r#"{"ranges": [[0, 7]]}"#, &Reports::default()).unwrap_err().to_string();
         assert!(e.contains("past the model's 6 layers"), "{e}");
     }
 
     #[test]
     fn absurd_repeat_counts_are_refused_before_allocating() {
-        for (item, config) in [
-            ("stack", r#"{"times": 1000000000}"#),
-            ("stack", r#"{"times": 18446744073709551615}"#),
-            ("duplicate", &format!(r#"{{"layers": {:?}}}"#, vec![0; 5000])),
-            ("slices", &format!(r#"{{"ranges": {:?}}}"#, vec![[0, 6]; 1000])),
-        ] {
-            let e = plan(item, 6, config, &Reports::default()).unwrap_err().to_string();
-            assert!(e.contains("refuses more than 4096"), "{item}: {e}");
-        }
-        assert_eq!(plan("stack", 6, r#"{"times": 600}"#, &Reports::default()).unwrap().layers.len(), 3600);
+        let refused = |item: &str, e: scalpel_sdk::Error| assert!(e.to_string().contains("refuses more than 4096"), "{item}: {e}");
+        refused("stack", plan::<Stack>(6, r#"{"times": 1000000000}"#, &Reports::default()).unwrap_err());
+        refused("stack", plan::<Stack>(6, r#"{"times": 18446744073709551615}"#, &Reports::default()).unwrap_err());
+        refused("duplicate", plan::<Duplicate>(6, &format!(r#"{{"layers": {:?}}}"#, vec![0; 5000]), &Reports::default()).unwrap_err());
+        refused("slices", plan::<Slices>(6, &format!(r#"{{"ranges": {:?}}}"#, vec![[0, 6]; 1000]), &Reports::default()).unwrap_err());
+        assert_eq!(plan::<Stack>(6, r#"{"times": 600}"#, &Reports::default()).unwrap().layers.len(), 3600);
     }
 
     #[test]
     fn keeping_zero_layers_says_so() {
-        let e = plan("cutoff", 6, r#"{"keep": 0}"#, &Reports::default()).unwrap_err().to_string();
+        let e = plan::<Cutoff>(6, r#"{"keep": 0}"#, &Reports::default()).unwrap_err().to_string();
         assert!(e.contains("keep = 0 would leave no layer") && !e.contains("min_keep"), "{e}");
     }
 
     #[test]
     fn a_typo_in_a_config_key_is_refused() {
-        let e = plan("stack", 6, r#"{"tims": 3}"#, &Reports::default()).unwrap_err().to_string();
+        let e = plan::<Stack>(6, r#"{"tims": 3}"#, &Reports::default()).unwrap_err().to_string();
         assert!(e.contains("unknown config key `tims`") && e.contains("times"), "{e}");
     }
 }
