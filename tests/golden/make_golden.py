@@ -2,7 +2,7 @@
 
 Setup and run (from the repo root):
     tests/golden/setup_env.sh            # venv at ~/.cache/scalpel/pyenv: torch 2.11.0, transformers 5.24.0
-    ~/.cache/scalpel/pyenv/bin/python tests/golden/make_golden.py
+    ~/.cache/scalpel/pyenv/bin/python tests/golden/make_golden.py [NAME ...]   # default: every model
 
 For each model NAME this writes tests/data/NAME/:
     config.json, model.safetensors, generation_config.json   -- model.save_pretrained(), float32
@@ -17,12 +17,13 @@ Everything is seeded, so reruns give the same bytes.
 """
 
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 BATCH, SEQ = 2, 17
@@ -48,6 +49,13 @@ CONFIGS = {
     "tiny-qwen2": lambda: Qwen2Config(
         vocab_size=107, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
+    # head_dim 16 with 4 heads over d_model 48: q/k/v/o are not square, so head_dim must come from the
+    # config. Blocks from 1 on slide over 8 keys (SEQ 17: the window bites), giving mixed layer_types.
+    "tiny-qwen3": lambda: Qwen3Config(
+        vocab_size=109, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
+        use_sliding_window=True, sliding_window=8, max_window_layers=1),
 }
 
 
@@ -127,5 +135,6 @@ if __name__ == "__main__":
     transformers.utils.logging.disable_progress_bar()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
-    for kind in CONFIGS:
+    names = sys.argv[1:] or list(CONFIGS)
+    for kind in names:
         write(kind)

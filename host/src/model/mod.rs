@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod gpt2;
 pub mod llama;
 pub mod params;
+pub mod qwen3;
 pub mod tokenizer;
 pub mod transformer;
 pub mod write;
