@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 BATCH, SEQ = 2, 17
@@ -56,6 +56,17 @@ CONFIGS = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
         use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    # Gemma 3 text: sliding blocks (window 6 < SEQ, so it bites) alternate with global ones, whose RoPE
+    # has another base and a linear scaling; query_pre_attn_scalar differs from head_dim so the scale
+    # must come from it; the logits are softcapped (Gemma 3 itself has no cap, Gemma 2 had one).
+    "tiny-gemma3": lambda: Gemma3TextConfig(
+        vocab_size=113, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24,
+        max_position_embeddings=128, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        final_logit_softcapping=5.0),
 }
 
 

@@ -406,6 +406,8 @@ CASES = [
     ("trained-checkpoint", case_trained_checkpoint),
     ("cut-qwen3", lambda c, b, t: case_cut_family(c, b, t, "tiny-qwen3", 2)),
     ("moved-qwen3", lambda c, b, t: case_moved_family(c, b, t, "tiny-qwen3", "[[1,3],[0,1]]", [1, 2, 0])),
+    ("cut-gemma3", lambda c, b, t: case_cut_family(c, b, t, "tiny-gemma3", 3)),
+    ("moved-gemma3", lambda c, b, t: case_moved_family(c, b, t, "tiny-gemma3", "[[1,3],[0,1]]", [1, 2, 0])),
 ]
 
 

@@ -94,6 +94,7 @@ pub enum Carry {
 }
 
 const FILES: &[(&str, &str)] = &[
+    ("gemma3.toml", include_str!("../../arch/gemma3.toml")),
     ("gpt2.toml", include_str!("../../arch/gpt2.toml")),
     ("llama.toml", include_str!("../../arch/llama.toml")),
     ("qwen3.toml", include_str!("../../arch/qwen3.toml")),

@@ -4,6 +4,7 @@
 
 pub mod arch;
 pub mod checkpoint;
+pub mod gemma3;
 pub mod gpt2;
 pub mod llama;
 pub mod params;

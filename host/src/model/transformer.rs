@@ -1,12 +1,13 @@
 //! One forward pass for every family, used by analysis, eval, generate and training alike.
 //!
-//! A family (`gpt2.rs`, `llama.rs`, `qwen3.rs`) supplies what differs: embeddings, the q/k/v projections with
+//! A family (`gpt2.rs`, `llama.rs`, `qwen3.rs`, `gemma3.rs`) supplies what differs: embeddings, the q/k/v projections with
 //! their positions, the attention scale, the rest of the block, the head and its initialisation.
 //! This file holds what is shared: the block loop, attention (explicit softmax when someone asks for
 //! the probabilities, libtorch's fused `scaled_dot_product_attention` otherwise), the key/value cache
 //! and the loss.
 
 use super::checkpoint::{Checkpoint, Dims};
+use super::gemma3::Gemma3;
 use super::gpt2::Gpt2;
 use super::llama::Llama;
 use super::params::Params;
@@ -259,6 +260,7 @@ fn family(ckpt: &Checkpoint, device: Device) -> Result<Box<dyn Family>> {
         "gpt2" => Box::new(Gpt2::new(&ckpt.config)?),
         "llama" => Box::new(Llama::new(&ckpt.config, device)?),
         "qwen3" => Box::new(Qwen3::new(&ckpt.config, device)?),
+        "gemma3" => Box::new(Gemma3::new(&ckpt.config, device)?),
         other => bail!("no forward pass for the `{other}` family"),
     })
 }
@@ -333,10 +335,15 @@ mod tests {
         matches_transformers("tiny-qwen3");
     }
 
+    #[test]
+    fn gemma3_with_sliding_and_global_blocks_matches_transformers() {
+        matches_transformers("tiny-gemma3");
+    }
+
     /// Token by token through the cache gives the logits of one full pass.
     #[test]
     fn the_key_value_cache_gives_the_full_pass_logits() {
-        for name in ["tiny-llama", "tiny-gpt2", "tiny-qwen3"] {
+        for name in ["tiny-llama", "tiny-gpt2", "tiny-qwen3", "tiny-gemma3"] {
             let ckpt = Checkpoint::open(&data(name)).unwrap();
             let net = Transformer::load(&ckpt, Device::Cpu, Kind::Float).unwrap();
             let ids = golden(name)["input_ids"].narrow(0, 0, 1);
