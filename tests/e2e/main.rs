@@ -3,6 +3,7 @@
 
 mod data;
 mod depth_pruning;
+mod gemma3;
 mod hardening;
 mod inheritune;
 mod models;
