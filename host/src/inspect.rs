@@ -99,7 +99,7 @@ pub fn generate(ckpt: &Checkpoint, device: Device, prompt: &str, max_tokens: usi
     let tokenizer = Tokenizer::for_model(&ckpt.dir, &ckpt.arch.family)?;
     let net = Transformer::load(ckpt, device, Kind::Float)?;
     let eos = eos_ids(ckpt, &tokenizer);
-    let prompt_ids = tokenizer.encode(prompt)?;
+    let prompt_ids = tokenizer.encode_prompt(prompt)?;
     if prompt_ids.is_empty() {
         bail!("the prompt is empty after tokenizing");
     }

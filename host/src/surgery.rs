@@ -24,7 +24,7 @@ pub fn resulting_config(ckpt: &Checkpoint, plan: &Plan, dtype: Option<Dtype>) ->
     config[&ckpt.arch.config.layers] = Value::from(sources.len());
     for dep in &ckpt.arch.index_dependent {
         let value = &ckpt.config[&dep.key];
-        let active = dep.only_if.as_ref().is_none_or(|k| ckpt.config[k].as_bool() == Some(true));
+        let active = dep.only_if.as_ref().is_none_or(|k| ckpt.config[k].as_bool() == Some(true)) && dep.unless.as_ref().is_none_or(|k| ckpt.config[k].is_null());
         if value.is_null() || !active {
             continue;
         }

@@ -4,6 +4,7 @@
 mod compare;
 mod data;
 mod depth_pruning;
+mod gemma3;
 mod hardening;
 mod inheritune;
 mod models;

@@ -200,3 +200,35 @@ fn an_empty_calibration_tensor_is_refused() {
     let r = run(scalpel().arg("analyze").arg(tiny("tiny-llama")).arg("--calib").arg(&ids)).failure();
     assert!(r.stderr.contains("empty tensor"), "{}", r.stderr);
 }
+
+#[test]
+fn the_new_families_go_through_analysis_and_surgery_unchanged() {
+    for (model, vocab, layers) in [("tiny-qwen3", 109, 3), ("tiny-gemma3", 113, 4)] {
+        let dir = tempfile::tempdir().unwrap();
+        let analysis = rank_analysis(dir.path(), model, vocab);
+        let out = dir.path().join("stacked");
+        let r = run(scalpel().args(["apply", "-s", "stack", "--set", "times=2", "--reports"]).arg(analysis.join("reports.json")).arg(tiny(model)).arg("-o").arg(&out)).success();
+        assert!(r.stdout.contains(&format!("plan: {layers} layers -> ")), "{}", r.stdout);
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model/config.json")).unwrap()).unwrap();
+        let n = config["num_hidden_layers"].as_u64().unwrap() as usize;
+        assert_eq!(config["layer_types"].as_array().map(Vec::len), Some(n), "{model}: one layer type per block");
+        // The stacked model runs: its attention analysed over the same windows.
+        run(scalpel().args(["analyze", "-a", "attn-rank"]).arg(out.join("model")).arg("--calib").arg(token_ids_npy(dir.path(), 4, 10, vocab)).arg("-o").arg(dir.path().join("again"))).success();
+    }
+}
+
+/// Gemma 3's older configs give the layer pattern as a number: blocks may be cut, not moved.
+#[test]
+fn a_gemma3_layer_pattern_without_layer_types_refuses_moving_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    std::fs::create_dir(&model).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny("tiny-gemma3").join("config.json")).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("layer_types");
+    config["sliding_window_pattern"] = 2.into();
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(tiny("tiny-gemma3").join("model.safetensors"), model.join("model.safetensors")).unwrap();
+    let r = run(scalpel().args(["apply", "-s", "slices", "--set", "ranges=[[1,3],[0,1]]"]).arg(&model).arg("-o").arg(dir.path().join("moved"))).failure();
+    assert!(r.stderr.contains("sliding_window_pattern"), "{}", r.stderr);
+    run(scalpel().args(["apply", "-s", "cutoff", "--set", "keep=3"]).arg(&model).arg("-o").arg(dir.path().join("cut"))).success();
+}

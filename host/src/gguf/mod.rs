@@ -12,7 +12,7 @@
 //! The file is memory-mapped and never read into RAM whole; only one dequantised tensor at a
 //! time is materialised.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -298,20 +298,55 @@ impl GgufFile {
         if let Some(scaling) = scaling {
             cfg.insert("rope_scaling".into(), scaling);
         }
+        if arch.gguf == "gemma3" {
+            self.gemma3_config(&mut cfg, head_dim)?;
+        }
         Ok(Value::Object(cfg))
     }
 
+    /// What Gemma 3 adds to the shared config, as llama.cpp runs the file: every 6th block global
+    /// (llama.cpp's fixed pattern, unless the file states one), the sliding blocks on RoPE base 10000
+    /// and never scaled, the attention scaled by 1/√head_dim (llama.cpp uses 1/√(d_model/heads) for the
+    /// 62-block 27B model only), GELU (tanh), no softcapping.
+    fn gemma3_config(&self, cfg: &mut Map<String, Value>, head_dim: usize) -> Result<()> {
+        let layers = self.req_usize("gemma3.block_count")?;
+        let pattern = self.opt_usize("gemma3.attention.sliding_window_pattern")?.unwrap_or(6);
+        ensure!(pattern > 0, "{}: gemma3.attention.sliding_window_pattern is 0", self.path.display());
+        let types: Vec<&str> = (0..layers).map(|i| if (i + 1) % pattern == 0 { "full_attention" } else { "sliding_attention" }).collect();
+        let scalar = if layers == 62 { self.req_usize("gemma3.embedding_length")? / self.req_usize("gemma3.attention.head_count")? } else { head_dim };
+        let local_base = 10000.0;
+        cfg.remove("hidden_act");
+        let full = cfg.remove("rope_parameters").unwrap_or_else(|| json!({"rope_type": "default"}));
+        for (k, v) in [
+            ("hidden_activation", json!("gelu_pytorch_tanh")),
+            ("query_pre_attn_scalar", json!(scalar)),
+            ("sliding_window", json!(self.req_usize("gemma3.attention.sliding_window")?)),
+            ("layer_types", json!(types)),
+            ("rope_local_base_freq", json!(local_base)),
+            ("rope_parameters", json!({"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local_base}})),
+            ("final_logit_softcapping", Value::Null),
+            ("attn_logit_softcapping", Value::Null),
+            ("attention_bias", json!(self.tensor("blk.0.attn_q.bias").is_some())),
+            ("use_bidirectional_attention", json!(false)),
+        ] {
+            cfg.insert(k.into(), v);
+        }
+        Ok(())
+    }
+
     /// HF `tokenizer.json` and `tokenizer_config.json` for a byte-level BPE (`tokenizer.ggml.model
-    /// = gpt2`) vocabulary, plus warnings about anything that could not be reproduced exactly.
+    /// = gpt2`) vocabulary, or Gemma's SentencePiece one (`llama` in a `gemma3` file), plus warnings
+    /// about anything that could not be reproduced exactly.
     pub fn hf_tokenizer(&self) -> Result<(Value, Value, Vec<String>)> {
         let model = self.req_str("tokenizer.ggml.model")?;
+        let gemma = model == "llama" && self.architecture().is_ok_and(|a| a == "gemma3");
         ensure!(
-            model == "gpt2",
-            "{}: tokenizer.ggml.model is '{model}'; only 'gpt2' (byte-level BPE) can be converted",
+            model == "gpt2" || gemma,
+            "{}: tokenizer.ggml.model is '{model}'; only 'gpt2' (byte-level BPE), and Gemma 3's 'llama' \
+             (SentencePiece), can be converted",
             self.path.display()
         );
         let tokens = self.req_str_array("tokenizer.ggml.tokens")?;
-        let merges = self.req_str_array("tokenizer.ggml.merges")?;
         let types = match self.metadata.get("tokenizer.ggml.token_type") {
             None => vec![TOKEN_NORMAL; tokens.len()],
             Some(v) => v
@@ -329,6 +364,10 @@ impl GgufFile {
             tokens.len()
         );
 
+        if gemma {
+            return self.gemma_tokenizer(&tokens, &types);
+        }
+        let merges = self.req_str_array("tokenizer.ggml.merges")?;
         let mut warnings = Vec::new();
         let pre = self.opt_str("tokenizer.ggml.pre")?;
         let pre_tokenizer = PreTokenizer::for_pre(pre);
@@ -353,33 +392,10 @@ impl GgufFile {
             } else {
                 vocab.insert(token.to_string(), json!(id));
             }
-            if ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED {
-                added.push(json!({
-                    "id": id, "content": token, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": false, "special": ty == TOKEN_CONTROL,
-                }));
-            }
+            added.extend(added_token(id, token, ty));
         }
-
-        // (text, id) of a special token named by id.
-        let special = |key: &str| -> Result<Option<(&str, usize)>> {
-            let Some(id) = self.opt_usize(key)? else { return Ok(None) };
-            let token = tokens.get(id).ok_or_else(|| {
-                anyhow!("{}: {key} = {id} is outside the vocabulary of {}", self.path.display(), tokens.len())
-            })?;
-            Ok(Some((*token, id)))
-        };
-        let bos = special("tokenizer.ggml.bos_token_id")?;
-        let eos = special("tokenizer.ggml.eos_token_id")?;
-        let unk = special("tokenizer.ggml.unknown_token_id")?;
-        let pad = special("tokenizer.ggml.padding_token_id")?;
-        let add_bos = self.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
-        let add_eos = self.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-        let missing = |what: &str| {
-            anyhow!("{}: add_{what}_token is set but there is no {what}_token_id", self.path.display())
-        };
-        let bos_added = if add_bos { Some(bos.ok_or_else(|| missing("bos"))?) } else { None };
-        let eos_added = if add_eos { Some(eos.ok_or_else(|| missing("eos"))?) } else { None };
+        let specials = self.specials(&tokens, false)?;
+        let (bos_added, eos_added) = specials.added(&self.path)?;
 
         let tokenizer = json!({
             "version": "1.0",
@@ -388,7 +404,7 @@ impl GgufFile {
             "added_tokens": added,
             "normalizer": null,
             "pre_tokenizer": pre_tokenizer.to_json(),
-            "post_processor": post_processor(bos_added, eos_added),
+            "post_processor": post_processor(Some(byte_level_post()), bos_added, eos_added),
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
             "model": {
                 "type": "BPE",
@@ -406,14 +422,38 @@ impl GgufFile {
             },
         });
 
+        Ok((tokenizer, self.tokenizer_config("PreTrainedTokenizerFast", &specials)?, warnings))
+    }
+
+    /// The special tokens the file names, each `(text, id)`, and whether BOS/EOS are added.
+    fn specials<'t>(&self, tokens: &[&'t str], add_bos_default: bool) -> Result<Specials<'t>> {
+        let special = |key: &str| -> Result<Option<(&'t str, usize)>> {
+            let Some(id) = self.opt_usize(key)? else { return Ok(None) };
+            let token = tokens.get(id).ok_or_else(|| {
+                anyhow!("{}: {key} = {id} is outside the vocabulary of {}", self.path.display(), tokens.len())
+            })?;
+            Ok(Some((*token, id)))
+        };
+        Ok(Specials {
+            bos: special("tokenizer.ggml.bos_token_id")?,
+            eos: special("tokenizer.ggml.eos_token_id")?,
+            unk: special("tokenizer.ggml.unknown_token_id")?,
+            pad: special("tokenizer.ggml.padding_token_id")?,
+            add_bos: self.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(add_bos_default),
+            add_eos: self.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
+        })
+    }
+
+    /// HF `tokenizer_config.json` for a tokenizer of `class`.
+    fn tokenizer_config(&self, class: &str, s: &Specials) -> Result<Value> {
         let mut config = Map::new();
-        config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
-        config.insert("add_bos_token".into(), json!(add_bos));
-        config.insert("add_eos_token".into(), json!(add_eos));
-        // Byte-level BPE decodes text exactly; HF's clean-up pass would then delete the spaces
+        config.insert("tokenizer_class".into(), json!(class));
+        config.insert("add_bos_token".into(), json!(s.add_bos));
+        config.insert("add_eos_token".into(), json!(s.add_eos));
+        // Both vocabularies decode text exactly; HF's clean-up pass would then delete the spaces
         // in front of punctuation.
         config.insert("clean_up_tokenization_spaces".into(), json!(false));
-        for (k, v) in [("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)] {
+        for (k, v) in [("bos_token", s.bos), ("eos_token", s.eos), ("unk_token", s.unk), ("pad_token", s.pad)] {
             if let Some((token, _)) = v {
                 config.insert(k.into(), json!(token));
             }
@@ -426,7 +466,60 @@ impl GgufFile {
         if let Some(t) = self.opt_str("tokenizer.chat_template")? {
             config.insert("chat_template".into(), json!(t));
         }
-        Ok((tokenizer, Value::Object(config), warnings))
+        Ok(Value::Object(config))
+    }
+
+    /// Gemma 3's tokenizer as transformers rebuilds it from a GGUF (its GemmaTokenizer): a BPE over
+    /// the file's vocabulary with merges derived from it, byte fallback, spaces written `▁`, control
+    /// tokens special and user-defined ones added whole, BOS added as the file says.
+    fn gemma_tokenizer(&self, tokens: &[&str], types: &[i64]) -> Result<(Value, Value, Vec<String>)> {
+        // A token of spaces only is stored with real spaces, but looked up (after the normaliser) as `▁`s.
+        let spelled: Vec<String> = tokens
+            .iter()
+            .map(|t| if t.contains(' ') && t.trim().is_empty() { "\u{2581}".repeat(t.chars().count()) } else { t.to_string() })
+            .collect();
+        // A repeated token keeps its last id, as a Python dict built in file order does.
+        let mut index = HashMap::new();
+        for (id, t) in spelled.iter().enumerate() {
+            index.insert(t.as_str(), id);
+        }
+        let mut warnings = Vec::new();
+        if index.len() != spelled.len() {
+            warnings.push(format!("{} tokens repeat an earlier one; the later id is kept", spelled.len() - index.len()));
+        }
+        let merges = merges_from_vocab(&index);
+        let vocab: Map<String, Value> = index.iter().map(|(t, &id)| (t.to_string(), json!(id))).collect();
+        let added: Vec<Value> = tokens.iter().zip(types).enumerate().filter_map(|(id, (token, &ty))| added_token(id, token, ty)).collect();
+        // llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
+        let specials = self.specials(tokens, true)?;
+        let (bos_added, eos_added) = specials.added(&self.path)?;
+        let tokenizer = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+            "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+            "post_processor": post_processor(None, bos_added, eos_added),
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+            ]},
+            "model": {
+                "type": "BPE",
+                "dropout": null,
+                "unk_token": specials.unk.map(|(t, _)| t),
+                "continuing_subword_prefix": null,
+                "end_of_word_suffix": null,
+                "fuse_unk": true,
+                "byte_fallback": true,
+                "ignore_merges": false,
+                "vocab": vocab,
+                "merges": merges,
+            },
+        });
+        Ok((tokenizer, self.tokenizer_config("GemmaTokenizer", &specials)?, warnings))
     }
 
     /// HF-named, HF-layout (unpermuted) tensors, one at a time so a big file never sits in RAM twice.
@@ -442,15 +535,19 @@ impl GgufFile {
     }
 
     fn hf_tensor(&self, plan: &TensorPlan, info: &TensorInfo) -> Result<(String, Vec<usize>, Vec<f32>)> {
-        let hf_name = hf_tensor_name(&info.name).ok_or_else(|| {
+        let hf_name = hf_tensor_name(plan.arch, &info.name).ok_or_else(|| {
             anyhow!(
                 "{}: tensor '{}' has no Hugging Face equivalent for architecture {}",
                 self.path.display(),
                 info.name,
-                plan.arch
+                plan.arch.gguf
             )
         })?;
         let mut data = self.dequantize(info)?;
+        if plan.arch.norms_plus_one && hf_name.ends_with("norm.weight") {
+            // f32 subtraction, as transformers' GGUF loader does it.
+            data.iter_mut().for_each(|w| *w -= 1.0);
+        }
         if plan.permute_qk {
             let heads = if info.name.ends_with(".attn_q.weight") || info.name.ends_with(".attn_q.bias") {
                 Some(plan.n_head)
@@ -506,9 +603,9 @@ impl GgufFile {
                 supported_type_names()
             ));
         }
-        if arch_ok {
+        if let (true, Ok(arch)) = (arch_ok, self.arch()) {
             let unmapped: Vec<_> =
-                self.tensors.iter().filter(|t| hf_tensor_name(&t.name).is_none()).map(|t| t.name.as_str()).collect();
+                self.tensors.iter().filter(|t| hf_tensor_name(arch, &t.name).is_none()).map(|t| t.name.as_str()).collect();
             if !unmapped.is_empty() {
                 let more = if unmapped.len() > 5 { format!(" and {} more", unmapped.len() - 5) } else { String::new() };
                 problems.push(format!(
@@ -535,7 +632,7 @@ impl GgufFile {
         let arch = self.arch()?;
         let n_head = self.req_usize(&format!("{arch_name}.attention.head_count"))?;
         let n_head_kv = self.opt_usize(&format!("{arch_name}.attention.head_count_kv"))?.unwrap_or(n_head);
-        Ok(TensorPlan { arch: arch.model_type, permute_qk: arch.permute_qk, n_head, n_head_kv })
+        Ok(TensorPlan { arch, permute_qk: arch.permute_qk, n_head, n_head_kv })
     }
 
     fn arch(&self) -> Result<&'static Arch> {
@@ -824,27 +921,43 @@ struct Arch {
     model_type: &'static str,
     hf_class: &'static str,
     /// convert_hf_to_gguf.py reorders q/k rows for llama (to Meta's interleaved-pair RoPE
-    /// layout); Qwen2 tensors are written as HF has them.
+    /// layout); Qwen2 and Gemma 3 tensors are written as HF has them.
     permute_qk: bool,
+    /// Block tensors (GGUF module, HF module) beyond the ones every family shares.
+    modules: &'static [(&'static str, &'static str)],
+    /// convert_hf_to_gguf.py stores Gemma's (1 + w) norm weights with the 1 added: import subtracts it.
+    norms_plus_one: bool,
 }
+
+/// Llama and Qwen2: one norm before attention, one (`ffn_norm`) before the MLP.
+const LLAMA_MODULES: &[(&str, &str)] = &[("ffn_norm", "post_attention_layernorm")];
+/// Gemma 3: norms before and after attention and the MLP, and norms on each query and key head.
+const GEMMA3_MODULES: &[(&str, &str)] = &[
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+];
 
 /// Mistral-family GGUFs converted from HF use `general.architecture = llama`; there is no
 /// separate "mistral" architecture to accept.
 static ARCHS: &[Arch] = &[
-    Arch { gguf: "llama", model_type: "llama", hf_class: "LlamaForCausalLM", permute_qk: true },
-    Arch { gguf: "qwen2", model_type: "qwen2", hf_class: "Qwen2ForCausalLM", permute_qk: false },
+    Arch { gguf: "llama", model_type: "llama", hf_class: "LlamaForCausalLM", permute_qk: true, modules: LLAMA_MODULES, norms_plus_one: false },
+    Arch { gguf: "qwen2", model_type: "qwen2", hf_class: "Qwen2ForCausalLM", permute_qk: false, modules: LLAMA_MODULES, norms_plus_one: false },
+    Arch { gguf: "gemma3", model_type: "gemma3_text", hf_class: "Gemma3ForCausalLM", permute_qk: false, modules: GEMMA3_MODULES, norms_plus_one: true },
 ];
 
 struct TensorPlan {
-    arch: &'static str,
+    arch: &'static Arch,
     permute_qk: bool,
     n_head: usize,
     n_head_kv: usize,
 }
 
-/// HF name of a llama/qwen2 GGUF tensor, `None` for a tensor with no HF counterpart (for example
+/// HF name of a GGUF tensor of `arch`, `None` for a tensor with no HF counterpart (for example
 /// `rope_freqs.weight`, which llama.cpp derives from Llama-3 rope scaling).
-fn hf_tensor_name(gguf: &str) -> Option<String> {
+fn hf_tensor_name(arch: &Arch, gguf: &str) -> Option<String> {
     match gguf {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -864,11 +977,10 @@ fn hf_tensor_name(gguf: &str) -> Option<String> {
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
         "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
-        _ => return None,
+        other => arch.modules.iter().find(|(g, _)| *g == other)?.1,
     };
     Some(format!("model.layers.{layer}.{hf}.{param}"))
 }
@@ -963,13 +1075,44 @@ impl PreTokenizer {
     }
 }
 
-/// ByteLevel post-processing, plus a template that adds BOS/EOS when the GGUF asks for them (HF
-/// fast tokenizers add special tokens only through the post-processor).
-fn post_processor(bos: Option<(&str, usize)>, eos: Option<(&str, usize)>) -> Value {
-    let byte_level =
-        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+/// The special tokens of a GGUF vocabulary, each `(text, id)`, and whether BOS/EOS are added.
+struct Specials<'t> {
+    bos: Option<(&'t str, usize)>,
+    eos: Option<(&'t str, usize)>,
+    unk: Option<(&'t str, usize)>,
+    pad: Option<(&'t str, usize)>,
+    add_bos: bool,
+    add_eos: bool,
+}
+
+impl<'t> Specials<'t> {
+    /// The BOS and EOS tokens the tokenizer adds itself.
+    #[allow(clippy::type_complexity)]
+    fn added(&self, path: &Path) -> Result<(Option<(&'t str, usize)>, Option<(&'t str, usize)>)> {
+        let missing = |what: &str| anyhow!("{}: add_{what}_token is set but there is no {what}_token_id", path.display());
+        let bos = if self.add_bos { Some(self.bos.ok_or_else(|| missing("bos"))?) } else { None };
+        let eos = if self.add_eos { Some(self.eos.ok_or_else(|| missing("eos"))?) } else { None };
+        Ok((bos, eos))
+    }
+}
+
+/// An HF added token for a control (special) or user-defined (whole, not special) vocabulary entry.
+fn added_token(id: usize, token: &str, ty: i64) -> Option<Value> {
+    (ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED).then(|| {
+        json!({"id": id, "content": token, "single_word": false, "lstrip": false, "rstrip": false,
+               "normalized": false, "special": ty == TOKEN_CONTROL})
+    })
+}
+
+fn byte_level_post() -> Value {
+    json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+}
+
+/// `base` post-processing (ByteLevel for byte-level BPE), plus a template that adds BOS/EOS when the
+/// GGUF asks for them (HF fast tokenizers add special tokens only through the post-processor).
+fn post_processor(base: Option<Value>, bos: Option<(&str, usize)>, eos: Option<(&str, usize)>) -> Value {
     if bos.is_none() && eos.is_none() {
-        return byte_level;
+        return base.unwrap_or(Value::Null);
     }
     let special = |tok: &str, type_id: u32| json!({"SpecialToken": {"id": tok, "type_id": type_id}});
     let sequence = |seq: &str, type_id: u32| json!({"Sequence": {"id": seq, "type_id": type_id}});
@@ -987,13 +1130,31 @@ fn post_processor(bos: Option<(&str, usize)>, eos: Option<(&str, usize)>) -> Val
     for (tok, id) in bos.into_iter().chain(eos) {
         special_tokens.insert(tok.into(), json!({"id": tok, "ids": [id], "tokens": [tok]}));
     }
-    json!({
-        "type": "Sequence",
-        "processors": [
-            byte_level,
-            {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens},
-        ],
-    })
+    let template = json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens});
+    match base {
+        Some(base) => json!({"type": "Sequence", "processors": [base, template]}),
+        None => template,
+    }
+}
+
+/// The merges that rebuild a SentencePiece BPE vocabulary's tokens (a GGUF stores none), best
+/// first, as transformers' `generate_merges` derives them for Gemma: every split of a token into
+/// two tokens of the vocabulary, tokens taken in file order (for Gemma, unlike its scores, that is
+/// the merge order), the splits of one token longest left part first.
+fn merges_from_vocab(index: &HashMap<&str, usize>) -> Vec<[String; 2]> {
+    let mut order: Vec<(usize, &str)> = index.iter().map(|(t, &i)| (i, *t)).collect();
+    order.sort_unstable();
+    let mut merges = Vec::new();
+    for (_, token) in order {
+        let cuts: Vec<usize> = token.char_indices().map(|(at, _)| at).skip(1).collect();
+        for &at in cuts.iter().rev() {
+            let (l, r) = token.split_at(at);
+            if index.contains_key(l) && index.contains_key(r) {
+                merges.push([l.to_string(), r.to_string()]);
+            }
+        }
+    }
+    merges
 }
 
 #[cfg(test)]
@@ -1337,6 +1498,76 @@ mod tests {
     /// Rows `rows` of a tensor of 8 columns filled with 0, 1, 2, ...
     fn rows_of_8(rows: &[usize]) -> Vec<f32> {
         rows.iter().flat_map(|r| (r * 8..r * 8 + 8).map(|i| i as f32)).collect()
+    }
+
+    /// Gemma 3: its own block tensors, norms stored as 1 + w come back as w, the config llama.cpp assumes.
+    #[test]
+    fn gemma3_maps_its_norms_and_writes_its_layer_pattern() {
+        let norm = |v: f32| (0..8).flat_map(|_| v.to_le_bytes()).collect::<Vec<u8>>();
+        let mut b = Builder::model("gemma3");
+        b.kv.retain(|(k, _)| k != "gemma3.block_count");
+        let b = b
+            .kv("gemma3.block_count", MetaValue::U32(7))
+            .kv("gemma3.attention.key_length", MetaValue::U32(4))
+            .kv("gemma3.attention.sliding_window", MetaValue::U32(512))
+            .kv("gemma3.rope.freq_base", MetaValue::F32(1e6))
+            .tensor("blk.0.ffn_norm.weight", &[8], 0, norm(1.25))
+            .tensor("blk.0.post_ffw_norm.weight", &[8], 0, norm(0.5))
+            .tensor("blk.0.attn_q.bias", &[8], 0, norm(1.25));
+        let file = TempFile::new("gemma3", &b.bytes());
+        let f = file.open().unwrap();
+        let c = f.hf_config().unwrap();
+        assert_eq!((c["model_type"].as_str(), c["architectures"][0].as_str()), (Some("gemma3_text"), Some("Gemma3ForCausalLM")));
+        let global: Vec<bool> = c["layer_types"].as_array().unwrap().iter().map(|t| t == "full_attention").collect();
+        assert_eq!(global, [false, false, false, false, false, true, false]);
+        assert_eq!(c["rope_parameters"]["full_attention"]["rope_theta"], 1e6);
+        assert_eq!(c["rope_parameters"]["sliding_attention"]["rope_theta"], 1e4);
+        assert_eq!((c["query_pre_attn_scalar"].as_u64(), c["sliding_window"].as_u64()), (Some(4), Some(512)));
+        assert_eq!((c["hidden_activation"].as_str(), c.get("hidden_act")), (Some("gelu_pytorch_tanh"), None));
+        let all: BTreeMap<_, _> = f.hf_tensors().map(|t| t.map(|(n, _, d)| (n, d))).collect::<Result<_>>().unwrap();
+        assert_eq!(all["model.layers.0.pre_feedforward_layernorm.weight"], vec![0.25; 8], "1 + w stored, w imported");
+        assert_eq!(all["model.layers.0.post_feedforward_layernorm.weight"], vec![-0.5; 8]);
+        assert_eq!(all["model.layers.0.self_attn.q_proj.bias"], vec![1.25; 8], "not a norm: unchanged");
+        assert_eq!(all["model.layers.0.self_attn.q_proj.weight"], rows_of_8(&[0, 1, 2, 3, 4, 5, 6, 7]), "not permuted");
+        // Gemma's names mean nothing in a Llama file.
+        let llama = Builder::model("llama").tensor("blk.0.post_ffw_norm.weight", &[8], 0, norm(1.0));
+        let file = TempFile::new("llama-post-ffw", &llama.bytes());
+        assert!(file.open().unwrap().import_problems().iter().any(|p| p.contains("blk.0.post_ffw_norm.weight")));
+    }
+
+    /// transformers' `generate_merges` for Gemma: tokens in file order, each token's splits longest left part first.
+    #[test]
+    fn sentencepiece_merges_follow_the_file_order() {
+        let tokens = ["a", "b", "c", "ab", "abc", "bc", "ca"];
+        let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+        let merges = merges_from_vocab(&index);
+        let pairs: Vec<String> = merges.iter().map(|[l, r]| format!("{l} {r}")).collect();
+        assert_eq!(pairs, ["a b", "ab c", "a bc", "b c", "c a"]);
+    }
+
+    /// Gemma's vocabulary in a GGUF: spaces-only tokens respelled as ▁, BOS added by the template.
+    #[test]
+    fn a_gemma_vocabulary_becomes_a_byte_fallback_bpe_that_adds_bos() {
+        let tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "\u{2581}", "h", "i", "hi", "\u{2581}hi", "  ", "<0x41>"];
+        let types = [3, 3, 3, 2, 1, 1, 1, 1, 1, 1, 6];
+        let b = Builder::model("gemma3")
+            .kv("gemma3.attention.sliding_window", MetaValue::U32(4))
+            .kv("tokenizer.ggml.model", MetaValue::Str("llama".into()))
+            .kv("tokenizer.ggml.tokens", MetaValue::Array(tokens.iter().map(|t| MetaValue::Str(t.to_string())).collect()))
+            .kv("tokenizer.ggml.token_type", MetaValue::Array(types.iter().map(|&t| MetaValue::I32(t)).collect()))
+            .kv("tokenizer.ggml.bos_token_id", MetaValue::U32(2))
+            .kv("tokenizer.ggml.eos_token_id", MetaValue::U32(1))
+            .kv("tokenizer.ggml.unknown_token_id", MetaValue::U32(3))
+            .kv("tokenizer.ggml.add_bos_token", MetaValue::Bool(true));
+        let file = TempFile::new("gemma-vocab", &b.bytes());
+        let (tok, cfg, warnings) = file.open().unwrap().hf_tokenizer().unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!((cfg["bos_token"].as_str(), cfg["add_bos_token"].as_bool()), (Some("<bos>"), Some(true)));
+        assert_eq!(tok["model"]["vocab"]["\u{2581}\u{2581}"], 9, "a token of spaces is looked up as ▁▁");
+        let t = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&tok).unwrap()).unwrap();
+        assert_eq!(t.encode("hi hi", true).unwrap().get_ids(), [2, 7, 8]);
+        assert_eq!(t.encode("A", false).unwrap().get_ids(), [10], "byte fallback");
+        assert_eq!(t.decode(&[7, 8, 9], false).unwrap(), "hi hi  ");
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub struct IndexDependent {
     pub carry: Carry,
     /// Only matters when this boolean config key is true.
     pub only_if: Option<String>,
+    /// Does not matter when this config key is set (a per-layer list that says it for each block).
+    pub unless: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -91,7 +93,12 @@ pub enum Carry {
     Refuse,
 }
 
-const FILES: &[(&str, &str)] = &[("gpt2.toml", include_str!("../../arch/gpt2.toml")), ("llama.toml", include_str!("../../arch/llama.toml"))];
+const FILES: &[(&str, &str)] = &[
+    ("gemma3.toml", include_str!("../../arch/gemma3.toml")),
+    ("gpt2.toml", include_str!("../../arch/gpt2.toml")),
+    ("llama.toml", include_str!("../../arch/llama.toml")),
+    ("qwen3.toml", include_str!("../../arch/qwen3.toml")),
+];
 
 pub fn all() -> &'static [Arch] {
     static ALL: OnceLock<Vec<Arch>> = OnceLock::new();

@@ -77,7 +77,7 @@ impl Family for Gpt2 {
         Ok(h + p.get("transformer.wpe.weight")?.narrow(0, start, t).unsqueeze(0))
     }
 
-    fn qkv(&self, p: &Params, prefix: &str, h: &Tensor, _start: i64) -> Result<(Tensor, Tensor, Tensor)> {
+    fn qkv(&self, p: &Params, _layer: usize, prefix: &str, h: &Tensor, _start: i64) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t) = (h.size()[0], h.size()[1]);
         let x = self.layer_norm(p, h, &format!("{prefix}ln_1"))?;
         let qkv = p.conv1d(&x, &format!("{prefix}attn.c_attn.weight"), &format!("{prefix}attn.c_attn.bias"))?;

@@ -58,14 +58,13 @@ impl Llama {
         if cfg.hidden_act != "silu" {
             bail!("config.json `hidden_act` = \"{}\" is not implemented for Llama-family models (only \"silu\")", cfg.hidden_act);
         }
-        let eps = match cfg.rms_norm_eps {
-            Some(e) if e.is_finite() && e > 0.0 => e,
-            other => bail!("config.json `rms_norm_eps` must be a positive number, found {other:?}"),
-        };
+        let eps = positive_eps(cfg.rms_norm_eps)?;
         let heads = cfg.num_attention_heads;
         let head_dim = cfg.head_dim.unwrap_or(cfg.hidden_size / heads.max(1));
         let windows = sliding_windows(&cfg)?;
-        let inv_freq = rope_inv_freq(config, head_dim)?.to_device(device);
+        let scaling = if config["rope_scaling"].is_object() { &config["rope_scaling"] } else { &config["rope_parameters"] };
+        let theta = config["rope_theta"].as_f64().or(config["rope_parameters"]["rope_theta"].as_f64()).unwrap_or(10000.0);
+        let inv_freq = rope_inv_freq(theta, scaling, head_dim)?.to_device(device);
         Ok(Llama {
             eps,
             heads: heads as i64,
@@ -77,13 +76,53 @@ impl Llama {
         })
     }
 
-    /// cos and sin for positions `start..start + t`, `[t, head_dim]`, in HF's rotate-half layout.
-    fn rope_tables(&self, start: i64, t: i64, kind: Kind) -> (Tensor, Tensor) {
-        let pos = Tensor::arange_start(start, start + t, (Kind::Float, self.inv_freq.device()));
-        let freqs = pos.outer(&self.inv_freq);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+    /// The input norm and the q/k/v projections of a block, before positions: q `[b, heads, t, hd]`,
+    /// k and v `[b, kv_heads, t, hd]`. Families built on Llama's attention (Qwen3) add to this.
+    pub fn project(&self, p: &Params, prefix: &str, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let x = rms_norm(h, p.get(&format!("{prefix}input_layernorm.weight"))?, self.eps);
+        project_qkv(p, prefix, &x, [self.heads, self.kv_heads, self.head_dim])
     }
+
+    /// q and k rotated to positions `start..`.
+    pub fn rotate(&self, q: &Tensor, k: &Tensor, start: i64) -> (Tensor, Tensor) {
+        rope(&self.inv_freq, q, k, start)
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+}
+
+/// A config's norm epsilon, refused unless positive.
+pub fn positive_eps(eps: Option<f64>) -> Result<f64> {
+    match eps {
+        Some(e) if e.is_finite() && e > 0.0 => Ok(e),
+        other => bail!("config.json `rms_norm_eps` must be a positive number, found {other:?}"),
+    }
+}
+
+/// The q/k/v projections (`self_attn.{q,k,v}_proj`, biases where present) of the normed input `x`,
+/// split into heads: `[heads, kv_heads, head_dim]` give q `[b, heads, t, hd]`, k and v `[b, kv_heads, t, hd]`.
+pub fn project_qkv(p: &Params, prefix: &str, x: &Tensor, [heads, kv_heads, head_dim]: [i64; 3]) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t) = (x.size()[0], x.size()[1]);
+    let proj = |name: &str, n: i64| -> Result<Tensor> {
+        let y = p.linear(x, &format!("{prefix}self_attn.{name}.weight"), &format!("{prefix}self_attn.{name}.bias"))?;
+        Ok(y.reshape([b, t, n, head_dim]).transpose(1, 2))
+    };
+    Ok((proj("q_proj", heads)?, proj("k_proj", kv_heads)?, proj("v_proj", kv_heads)?))
+}
+
+/// q and k `[b, n, t, hd]` rotated to positions `start..` with the inverse frequencies `inv_freq`, in
+/// HF's rotate-half layout. As transformers under autocast: positions rotate in float32 even when the
+/// projections ran in bf16.
+pub fn rope(inv_freq: &Tensor, q: &Tensor, k: &Tensor, start: i64) -> (Tensor, Tensor) {
+    let t = q.size()[2];
+    let kind = if matches!(q.kind(), Kind::BFloat16 | Kind::Half) { Kind::Float } else { q.kind() };
+    let pos = Tensor::arange_start(start, start + t, (Kind::Float, inv_freq.device()));
+    let freqs = pos.outer(inv_freq);
+    let emb = Tensor::cat(&[&freqs, &freqs], -1);
+    let (cos, sin) = (emb.cos().to_kind(kind), emb.sin().to_kind(kind));
+    (rotate(q, &cos, &sin), rotate(k, &cos, &sin))
 }
 
 const EMBED: &str = "model.embed_tokens.weight";
@@ -122,18 +161,10 @@ impl Family for Llama {
         Ok(Tensor::f_embedding(p.get(EMBED)?, ids, -1, false, false)?)
     }
 
-    fn qkv(&self, p: &Params, prefix: &str, h: &Tensor, start: i64) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t) = (h.size()[0], h.size()[1]);
-        let x = rms_norm(h, p.get(&format!("{prefix}input_layernorm.weight"))?, self.eps);
-        let proj = |name: &str, n: i64| -> Result<Tensor> {
-            let y = p.linear(&x, &format!("{prefix}self_attn.{name}.weight"), &format!("{prefix}self_attn.{name}.bias"))?;
-            Ok(y.reshape([b, t, n, self.head_dim]).transpose(1, 2))
-        };
-        let (q, k, v) = (proj("q_proj", self.heads)?, proj("k_proj", self.kv_heads)?, proj("v_proj", self.kv_heads)?);
-        // As transformers under autocast: positions rotate in float32 even when the projections ran in bf16.
-        let kind = if matches!(q.kind(), Kind::BFloat16 | Kind::Half) { Kind::Float } else { q.kind() };
-        let (cos, sin) = self.rope_tables(start, t, kind);
-        Ok((rotate(&q, &cos, &sin), rotate(&k, &cos, &sin), v))
+    fn qkv(&self, p: &Params, _layer: usize, prefix: &str, h: &Tensor, start: i64) -> Result<(Tensor, Tensor, Tensor)> {
+        let (q, k, v) = self.project(p, prefix, h)?;
+        let (q, k) = self.rotate(&q, &k, start);
+        Ok((q, k, v))
     }
 
     fn scale(&self, _layer: usize) -> f64 {
@@ -173,7 +204,7 @@ impl Family for Llama {
 }
 
 /// transformers' LlamaRMSNorm: in float32, then back to the input's kind, times the weight.
-fn rms_norm(h: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+pub fn rms_norm(h: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     let kind = h.kind();
     let x = h.to_kind(w.kind());
     let var = x.pow_tensor_scalar(2).mean_dim(-1, true, x.kind());
@@ -187,15 +218,13 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x * cos + rotated * sin
 }
 
-/// RoPE inverse frequencies from config.json, in either transformers 4 (`rope_theta`, `rope_scaling`)
-/// or transformers 5 (`rope_parameters`) form. Computed in float32, as transformers does.
-fn rope_inv_freq(config: &Value, head_dim: usize) -> Result<Tensor> {
-    let params = &config["rope_parameters"];
-    let theta = config["rope_theta"].as_f64().or(params["rope_theta"].as_f64()).unwrap_or(10000.0);
+/// RoPE inverse frequencies for base `theta`, scaled as `scaling` says (transformers 4's `rope_scaling`,
+/// or transformers 5's `rope_parameters`; `rope_type` absent or `default`: unscaled). Computed in
+/// float32, as transformers does.
+pub fn rope_inv_freq(theta: f64, scaling: &Value, head_dim: usize) -> Result<Tensor> {
     if !(theta.is_finite() && theta > 0.0) {
         bail!("config.json `rope_theta` must be a positive number, found {theta}");
     }
-    let scaling = if config["rope_scaling"].is_object() { &config["rope_scaling"] } else { params };
     let rope_type = scaling["rope_type"].as_str().or(scaling["type"].as_str()).unwrap_or("default");
     let exps = Tensor::arange_start_step(0, head_dim as i64, 2, (Kind::Float, Device::Cpu)) / head_dim as f64;
     let inv = Tensor::from(theta as f32).pow(&exps).reciprocal();

@@ -4,9 +4,11 @@
 
 pub mod arch;
 pub mod checkpoint;
+pub mod gemma3;
 pub mod gpt2;
 pub mod llama;
 pub mod params;
+pub mod qwen3;
 pub mod tokenizer;
 pub mod transformer;
 pub mod write;

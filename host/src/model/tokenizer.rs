@@ -38,6 +38,15 @@ impl Tokenizer {
         })
     }
 
+    /// Token ids of a prompt, with the special tokens the tokenizer adds itself (Gemma's BOS): what
+    /// transformers' `tokenizer(prompt)` gives.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<i64>> {
+        Ok(match self {
+            Tokenizer::Hf(t) => t.encode(text, true).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().iter().map(|&i| i as i64).collect(),
+            Tokenizer::Gpt2(_) => self.encode(text)?,
+        })
+    }
+
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
         match self {
             Tokenizer::Hf(t) => {
@@ -61,16 +70,29 @@ impl Tokenizer {
             .map(|i| i as i64)
     }
 
-    /// The beginning-of-sequence token, if the tokenizer has one.
+    /// The beginning-of-sequence token, if the tokenizer has one: the special token its template puts
+    /// first (what it adds itself, Gemma's `<bos>`), else a conventional one the vocabulary has.
     pub fn bos(&self) -> Option<i64> {
         match self {
-            Tokenizer::Hf(t) => ["<|endoftext|>", "<s>", "<|begin_of_text|>", "<|im_start|>"]
-                .iter()
-                .find_map(|s| t.token_to_id(s))
+            Tokenizer::Hf(t) => template_first(t)
+                .into_iter()
+                .chain(["<|endoftext|>", "<s>", "<|begin_of_text|>", "<|im_start|>"].map(String::from))
+                .find_map(|s| t.token_to_id(&s))
                 .map(|i| i as i64),
             Tokenizer::Gpt2(_) => Some(50256),
         }
     }
+}
+
+/// The special token a tokenizer's post-processing template puts before a single sequence, if any.
+fn template_first(t: &tokenizers::Tokenizer) -> Option<String> {
+    let post = serde_json::to_value(t.get_post_processor()?).ok()?;
+    let templates = match post["type"].as_str()? {
+        "TemplateProcessing" => vec![post],
+        "Sequence" => post["processors"].as_array()?.iter().filter(|p| p["type"] == "TemplateProcessing").cloned().collect(),
+        _ => return None,
+    };
+    templates.iter().find_map(|p| p["single"][0]["SpecialToken"]["id"].as_str().map(String::from))
 }
 
 #[cfg(test)]

@@ -1,15 +1,17 @@
 //! One forward pass for every family, used by analysis, eval, generate and training alike.
 //!
-//! A family (`gpt2.rs`, `llama.rs`) supplies what differs: embeddings, the q/k/v projections with
+//! A family (`gpt2.rs`, `llama.rs`, `qwen3.rs`, `gemma3.rs`) supplies what differs: embeddings, the q/k/v projections with
 //! their positions, the attention scale, the rest of the block, the head and its initialisation.
 //! This file holds what is shared: the block loop, attention (explicit softmax when someone asks for
 //! the probabilities, libtorch's fused `scaled_dot_product_attention` otherwise), the key/value cache
 //! and the loss.
 
 use super::checkpoint::{Checkpoint, Dims};
+use super::gemma3::Gemma3;
 use super::gpt2::Gpt2;
 use super::llama::Llama;
 use super::params::Params;
+use super::qwen3::Qwen3;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -40,8 +42,8 @@ pub fn fresh_init(ckpt: &Checkpoint, name: &str) -> Result<Init> {
 pub trait Family {
     /// Hidden states entering block 0 for tokens at positions `start..`: `[b, t, d_model]`.
     fn embed(&self, p: &Params, ids: &Tensor, start: i64) -> Result<Tensor>;
-    /// q `[b, heads, t, hd]`, k and v `[b, kv_heads, t, hd]`, positions applied.
-    fn qkv(&self, p: &Params, prefix: &str, h: &Tensor, start: i64) -> Result<(Tensor, Tensor, Tensor)>;
+    /// q `[b, heads, t, hd]`, k and v `[b, kv_heads, t, hd]` of block `layer`, positions applied.
+    fn qkv(&self, p: &Params, layer: usize, prefix: &str, h: &Tensor, start: i64) -> Result<(Tensor, Tensor, Tensor)>;
     /// The factor applied to attention logits in block `layer`.
     fn scale(&self, layer: usize) -> f64;
     /// Keys this many positions back or further are not attended to in block `layer`.
@@ -220,7 +222,7 @@ impl Transformer {
 
     /// q `[b, heads, t, hd]`, k and v `[b, kv_heads, t, hd]`.
     fn qkv(&self, i: usize, h: &Tensor, start: i64) -> Result<(Tensor, Tensor, Tensor)> {
-        self.family.qkv(&self.params, &self.prefixes[i], h, start)
+        self.family.qkv(&self.params, i, &self.prefixes[i], h, start)
     }
 
     /// Grouped-query attention: each key/value head serves heads / kv_heads query heads.
@@ -277,6 +279,8 @@ fn family(ckpt: &Checkpoint, device: Device) -> Result<Box<dyn Family>> {
     Ok(match ckpt.arch.family.as_str() {
         "gpt2" => Box::new(Gpt2::new(&ckpt.config)?),
         "llama" => Box::new(Llama::new(&ckpt.config, device)?),
+        "qwen3" => Box::new(Qwen3::new(&ckpt.config, device)?),
+        "gemma3" => Box::new(Gemma3::new(&ckpt.config, device)?),
         other => bail!("no forward pass for the `{other}` family"),
     })
 }
@@ -346,10 +350,20 @@ mod tests {
         matches_transformers("tiny-qwen2");
     }
 
+    #[test]
+    fn qwen3_with_qk_norms_and_its_own_head_dim_matches_transformers() {
+        matches_transformers("tiny-qwen3");
+    }
+
+    #[test]
+    fn gemma3_with_sliding_and_global_blocks_matches_transformers() {
+        matches_transformers("tiny-gemma3");
+    }
+
     /// Token by token through the cache gives the logits of one full pass.
     #[test]
     fn the_key_value_cache_gives_the_full_pass_logits() {
-        for name in ["tiny-llama", "tiny-gpt2"] {
+        for name in ["tiny-llama", "tiny-gpt2", "tiny-qwen3", "tiny-gemma3"] {
             let ckpt = Checkpoint::open(&data(name)).unwrap();
             let net = Transformer::load(&ckpt, Device::Cpu, Kind::Float).unwrap();
             let ids = golden(name)["input_ids"].narrow(0, 0, 1);
