@@ -669,3 +669,30 @@ fn surgery_on_a_model_far_bigger_than_a_64_mb_memory_cap_completes() {
     assert_eq!(read_json(&out.join("model/config.json"))["num_hidden_layers"], 12);
     run(scalpel().arg("inspect").arg(out.join("model"))).success();
 }
+
+/// Analysis streams the checkpoint a block at a time: a model whose float32 weights alone exceed the cap
+/// is analysed inside it (loading it whole, as eval does, would be killed).
+#[test]
+fn analysis_of_a_model_bigger_than_its_memory_cap_completes() {
+    const CAP: u64 = 512 << 20;
+    let cap = match MemoryCap::new(CAP) {
+        Ok(cap) => cap,
+        Err(why) => {
+            eprintln!("SKIPPED analysis_of_a_model_bigger_than_its_memory_cap_completes: cgroups are not writable here ({why})");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic_llama(dir.path(), 24, 768, 2048, 2000);
+    let size = std::fs::metadata(model.join("model.safetensors")).unwrap().len();
+    assert!(size > CAP + (CAP >> 2), "the model's float32 weights ({size} bytes) must exceed the cap");
+    let ids = token_ids_npy(dir.path(), 8, 64, 2000);
+    let out = dir.path().join("analysis");
+    let mut cmd = scalpel();
+    cmd.args(["analyze", "-a", "attn-rank"]).arg(&model).arg("--calib").arg(&ids).arg("-o").arg(&out).env("OMP_NUM_THREADS", "1");
+    let r = cap.run(&cmd);
+    assert!(r.status.success(), "killed or failed under a {CAP}-byte cap: {:?}\n{}", r.status, String::from_utf8_lossy(&r.stderr));
+    eprintln!("peak memory of the capped analysis: {:?} MB (model {} MB)", cap.peak_bytes().map(|b| b >> 20), size >> 20);
+    let reports = read_json(&out.join("reports.json"));
+    assert_eq!(reports["attn-rank"]["metrics"][0]["per_layer"].as_array().map(Vec::len), Some(24));
+}

@@ -3,16 +3,18 @@
 
 use super::arch::{self, Arch};
 use anyhow::{anyhow, bail, Context, Result};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 pub const CONFIG: &str = "config.json";
 pub const SINGLE: &str = "model.safetensors";
 pub const INDEX: &str = "model.safetensors.index.json";
+/// Stored bytes converted at once by `Checkpoint::tensor_in`.
+const CONVERT_CHUNK_BYTES: usize = 64 << 20;
 
 /// Sizes read off config.json through the architecture's key names.
 #[derive(Debug, Clone, PartialEq)]
@@ -218,6 +220,39 @@ impl Checkpoint {
         let kind = kind_of(e.dtype).with_context(|| format!("tensor `{name}`"))?;
         let shape: Vec<i64> = e.shape.iter().map(|&d| d as i64).collect();
         Tensor::f_from_data_size(self.bytes(name)?, &shape, kind).with_context(|| format!("reading tensor `{name}`"))
+    }
+
+    /// A tensor on the CPU with floating point converted to `kind`, a slice of rows at a time: the stored
+    /// copy of a whole large tensor (a 7B model's 1 GB embedding) and its float32 copy never coexist.
+    /// The pages read from the map are then handed back, so streaming a checkpoint through analysis
+    /// does not pile it up in the process's memory.
+    pub fn tensor_in(&self, name: &str, kind: Kind) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        let stored = kind_of(e.dtype).with_context(|| format!("tensor `{name}`"))?;
+        let bytes = self.bytes(name)?;
+        let shape: Vec<i64> = e.shape.iter().map(|&d| d as i64).collect();
+        let t = if stored == kind || !matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) || shape.is_empty() || bytes.is_empty() {
+            let t = self.tensor(name)?;
+            if t.is_floating_point() { t.f_to_kind(kind)? } else { t }
+        } else {
+            let out = Tensor::f_empty(&shape, (kind, Device::Cpu))?;
+            let row_bytes = bytes.len() / e.shape[0];
+            let rows_per_chunk = (CONVERT_CHUNK_BYTES / row_bytes.max(1)).max(1);
+            for first in (0..e.shape[0]).step_by(rows_per_chunk) {
+                let rows = rows_per_chunk.min(e.shape[0] - first);
+                let mut part_shape = shape.clone();
+                part_shape[0] = rows as i64;
+                let part = Tensor::f_from_data_size(&bytes[first * row_bytes..(first + rows) * row_bytes], &part_shape, stored)
+                    .with_context(|| format!("reading tensor `{name}`"))?;
+                out.narrow(0, first as i64, rows as i64).f_copy_(&part)?;
+            }
+            out
+        };
+        let map = &self.shards[e.shard].1;
+        // SAFETY: the map is read-only and file-backed, so dropped pages are read again from the file on
+        // the next access (surgery may still borrow these bytes): only residency changes, never content.
+        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
+        Ok(t)
     }
 
     /// The weights' dtype (the most common one among the tensors).

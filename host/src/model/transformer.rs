@@ -38,6 +38,15 @@ pub trait Family {
     fn init(&self, name: &str) -> Init;
 }
 
+/// What a streaming forward pass needs resident for its next step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Part {
+    /// Token (and position) embeddings, to start the pass.
+    Embedding,
+    /// The weights of block `i`.
+    Block(usize),
+}
+
 /// Keys and values of the positions seen so far, per block: `generate` feeds one token at a time.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -65,6 +74,23 @@ impl Transformer {
     pub fn load(ckpt: &Checkpoint, device: Device, kind: Kind) -> Result<Self> {
         let family = family(ckpt, device)?;
         Ok(Self::assemble(ckpt, device, kind, Params::load(ckpt, device, kind)?, family))
+    }
+
+    /// The forward pass with no weights yet: `hold` brings in the part a step needs, so analysis streams a
+    /// checkpoint bigger than memory through the same code, one block in float32 at a time.
+    pub fn streaming(ckpt: &Checkpoint, device: Device, kind: Kind) -> Result<Self> {
+        let family = family(ckpt, device)?;
+        Ok(Self::assemble(ckpt, device, kind, Params::empty(), family))
+    }
+
+    /// Streaming: only the weights `part` needs stay on the device (read from `ckpt` if not held yet).
+    pub fn hold(&mut self, ckpt: &Checkpoint, part: Part) -> Result<()> {
+        let (t, prefixes) = (&ckpt.arch.tensors, &self.prefixes);
+        let keep = |name: &str| match part {
+            Part::Embedding => name == t.embedding || t.position_embedding.as_deref() == Some(name),
+            Part::Block(i) => name.starts_with(&prefixes[i]),
+        };
+        self.params.hold(ckpt, self.device, self.kind, keep)
     }
 
     /// The same architecture freshly initialised as transformers would (seeded): the "from scratch" model.
