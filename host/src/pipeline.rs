@@ -352,7 +352,7 @@ fn record(recipe: &Recipe, registry: &Registry, ckpt: &Checkpoint, info: &ModelI
     }
     let mut inputs = serde_json::Map::new();
     for path in ckpt.shard_paths().map(Path::to_path_buf).chain([ckpt.dir.join("config.json")]).chain(recipe.calibration.as_ref().map(|c| c.file.clone())) {
-        inputs.insert(path.display().to_string(), Value::from(crate::data::sources::sha256_file(&path)?));
+        inputs.insert(path.display().to_string(), Value::from(crate::model::checkpoint::input_sha256(&path)?));
     }
     Ok(json!({
         "produced_by": format!("scalpel {}", env!("CARGO_PKG_VERSION")),

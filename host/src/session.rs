@@ -89,10 +89,27 @@ impl<'a> Session<'a> {
         check_finite(&hidden[0], 0)?;
         let bar = indicatif::ProgressBar::new(layers as u64)
             .with_style(indicatif::ProgressStyle::with_template("forward pass {bar:30} {pos}/{len} blocks, {eta} left").expect("a valid template"));
+        // The pass computes every block's attention anyway: kept while it fits the budget, so that
+        // attention analyzers do not read the weights a second time.
+        let (n, t) = (windows.ids.size()[0] as usize, windows.ids.size()[1] as usize);
+        let attention_bytes = n * self.ckpt.dims.heads * t * t * Kind::Float.elt_size_in_bytes();
         for i in bar.wrap_iter(0..layers) {
             let net = self.net(Part::Block(i))?;
-            let parts: Result<Vec<Tensor>> = hidden[i].split(16, 0).iter().map(|h| net.block(i, h)).collect();
-            let h = Tensor::cat(&parts?, 0);
+            let keep = attention_bytes <= self.attention.borrow().1;
+            let (mut outs, mut probs) = (Vec::new(), Vec::new());
+            for h in hidden[i].split(16, 0) {
+                let (out, p) = net.block_attention(i, &h)?;
+                outs.push(out);
+                if keep {
+                    probs.push(p);
+                }
+            }
+            if keep {
+                let mut cache = self.attention.borrow_mut();
+                cache.1 -= attention_bytes;
+                cache.0[i] = Some(Tensor::cat(&probs, 0));
+            }
+            let h = Tensor::cat(&outs, 0);
             check_finite(&h, i + 1)?;
             hidden.push(h);
         }
@@ -119,10 +136,10 @@ impl ModelSource for Session<'_> {
     }
 
     fn attention(&self, layer: usize) -> Result<Tensor> {
+        let hidden = self.hidden_states()?;
         if let Some(a) = &self.attention.borrow().0[layer] {
             return Ok(a.copy()); // a copy: plugins may write into what they get
         }
-        let hidden = self.hidden_states()?;
         let _guard = tch::no_grad_guard();
         let net = self.net(Part::Block(layer))?;
         // Batches bound the [b, H, T, T] scores the forward pass materialises at once.

@@ -282,6 +282,34 @@ impl Checkpoint {
     }
 }
 
+/// The sha256 of an input file, for the records of runs. Hashing a checkpoint takes longer than
+/// cutting it, so the digest is kept in the cache under the file's identity: device, inode, size,
+/// and modification and change times (the change time moves on every write, and no program can set
+/// it back). An unchanged input is hashed once; the cache is a convenience, never an error.
+pub fn input_sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::os::unix::fs::MetadataExt;
+    let identity = |m: &std::fs::Metadata| format!("{:x}-{:x}-{}-{}.{}-{}.{}", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
+    let before = identity(&std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?);
+    let cached = crate::data::sources::cache_dir().ok().map(|d| d.join("sha256").join(&before));
+    if let Some(digest) = cached.as_ref().and_then(|c| std::fs::read_to_string(c).ok()) {
+        if digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(digest);
+        }
+    }
+    let mut file = std::io::BufReader::with_capacity(1 << 20, scalpel_files::open_regular(path)?);
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    let digest = crate::data::sources::hex(&hasher.finalize());
+    // Only a file that did not change while it was read is remembered.
+    if let (Some(c), Ok(m)) = (&cached, std::fs::metadata(path)) {
+        if identity(&m) == before && c.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) {
+            let _ = scalpel_files::write_file(c, digest.as_bytes());
+        }
+    }
+    Ok(digest)
+}
+
 fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join(INDEX);
     if index.exists() {
