@@ -245,14 +245,19 @@ impl Checkpoint {
                 let part = Tensor::f_from_data_size(&bytes[first * row_bytes..(first + rows) * row_bytes], &part_shape, stored)
                     .with_context(|| format!("reading tensor `{name}`"))?;
                 out.narrow(0, first as i64, rows as i64).f_copy_(&part)?;
+                self.release(e.shard, e.start + first * row_bytes, rows * row_bytes);
             }
             out
         };
-        let map = &self.shards[e.shard].1;
+        self.release(e.shard, e.start, e.end - e.start);
+        Ok(t)
+    }
+
+    /// Hands the pages of a range of a shard's map back to the kernel.
+    fn release(&self, shard: usize, start: usize, len: usize) {
         // SAFETY: the map is read-only and file-backed, so dropped pages are read again from the file on
         // the next access (surgery may still borrow these bytes): only residency changes, never content.
-        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
-        Ok(t)
+        let _ = unsafe { self.shards[shard].1.unchecked_advise_range(UncheckedAdvice::DontNeed, start, len) };
     }
 
     /// The weights' dtype (the most common one among the tensors).
@@ -428,5 +433,23 @@ pub fn torch_dtype_name(dtype: Dtype) -> &'static str {
         Dtype::F16 => "float16",
         Dtype::BF16 => "bfloat16",
         _ => "float32",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cached digest is the file's sha256, and a rewritten file (same size, new content) is hashed again.
+    #[test]
+    fn input_checksums_are_cached_until_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("input");
+        std::fs::write(&file, b"abc").unwrap();
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(input_sha256(&file).unwrap(), abc);
+        assert_eq!(input_sha256(&file).unwrap(), abc, "from the cache");
+        std::fs::write(&file, b"abd").unwrap();
+        assert_eq!(input_sha256(&file).unwrap(), "a52d159f262b2c6ddb724a61840befc36eb30c88877a4030b65cbe86298449c9");
     }
 }

@@ -377,6 +377,30 @@ mod tests {
         }
     }
 
+    /// Streaming holds exactly one part's weights at a time and computes what the resident model does, bit for bit.
+    #[test]
+    fn a_streaming_pass_holding_one_block_at_a_time_equals_the_resident_one() {
+        for name in ["tiny-llama", "tiny-gpt2"] {
+            let ckpt = Checkpoint::open(&data(name)).unwrap();
+            let net = Transformer::load(&ckpt, Device::Cpu, Kind::Float).unwrap();
+            let mut stream = Transformer::streaming(&ckpt, Device::Cpu, Kind::Float).unwrap();
+            let ids = golden(name)["input_ids"].shallow_clone();
+            let _guard = tch::no_grad_guard();
+            stream.hold(&ckpt, Part::Embedding).unwrap();
+            let (mut h, mut hs) = (net.embed(&ids).unwrap(), stream.embed(&ids).unwrap());
+            for i in 0..ckpt.dims.layers {
+                stream.hold(&ckpt, Part::Block(i)).unwrap();
+                let prefix = ckpt.arch.block_prefix(i);
+                assert!(stream.params.iter().all(|(n, _)| n.starts_with(&prefix)), "{name}: only block {i} is held");
+                assert_eq!(stream.params.iter().count(), ckpt.names().filter(|n| n.starts_with(&prefix)).count());
+                let (out, attention) = stream.block_attention(i, &hs).unwrap();
+                assert_eq!(max_diff(&attention, &net.attention(i, &h).unwrap()), 0.0, "{name}: attention of block {i}");
+                (h, hs) = (net.block(i, &h).unwrap(), out);
+                assert_eq!(max_diff(&h, &hs), 0.0, "{name}: block {i}");
+            }
+        }
+    }
+
     /// A sliding window that bites: the fused path with its mask equals the explicit one.
     #[test]
     fn a_sliding_window_masks_the_same_keys_in_both_attention_paths() {
