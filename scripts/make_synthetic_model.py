@@ -4,9 +4,10 @@ By default a bf16 Llama with Llama-3-8B's shapes: 32 layers, d_model 4096, 32 he
 feed-forward 14336, vocabulary 128256, untied head: 8.03 B parameters, 16 GB on disk as sharded
 safetensors with an index, as transformers writes them. `--family gpt2` makes a GPT-2 (tied head,
 position embeddings, Conv1D weights); the sizes are options. Weights are N(0, 0.02) (norms 1, biases
-0), seeded: a forward pass sees a well-behaved model, not zeros. The script streams: each shard's
-header is computed from the shapes up front and tensors are generated a slice of rows at a time, so
-it needs a few hundred MB whatever the model size.
+0), seeded: a forward pass sees a well-behaved model, not zeros. Matrices are cut at random offsets
+from a 32 M-value pool of normals (drawing 8 B fresh ones would take far longer than writing them).
+The script streams: each shard's header is computed from the shapes up front and tensors are
+written a chunk at a time, so it needs a few hundred MB whatever the model size.
 
 Also writes `calib.npy` beside the model folder: [8, 64] random token ids (8 windows of 64 tokens).
 

@@ -610,7 +610,9 @@ struct MemoryCap {
 
 impl MemoryCap {
     fn new(bytes: u64) -> Result<Self, String> {
-        let name = format!("scalpel-test-{}", std::process::id());
+        // One per test: tests of one process run in parallel.
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!("scalpel-test-{}-{}", std::process::id(), COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let root = Path::new("/sys/fs/cgroup");
         let (dir, limits, peak): (PathBuf, &[&str], _) = if root.join("cgroup.controllers").exists() {
             let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
@@ -628,6 +630,11 @@ impl MemoryCap {
         let swap = if limits[1] == "memory.swap.max" { 0 } else { bytes };
         let _ = std::fs::write(cap.dir.join(limits[1]), swap.to_string());
         Ok(cap)
+    }
+
+    /// The cap for the test `name`, or None after saying why the test is skipped.
+    fn for_test(name: &str, bytes: u64) -> Option<Self> {
+        Self::new(bytes).map_err(|why| eprintln!("SKIPPED {name}: cgroups are not writable here ({why})")).ok()
     }
 
     /// `cmd` run inside the cgroup (a shell moves itself in, then execs the command).
@@ -649,13 +656,7 @@ impl Drop for MemoryCap {
 #[test]
 fn surgery_on_a_model_far_bigger_than_a_64_mb_memory_cap_completes() {
     const CAP: u64 = 64 << 20;
-    let cap = match MemoryCap::new(CAP) {
-        Ok(cap) => cap,
-        Err(why) => {
-            eprintln!("SKIPPED surgery_on_a_model_far_bigger_than_a_64_mb_memory_cap_completes: cgroups are not writable here ({why})");
-            return;
-        }
-    };
+    let Some(cap) = MemoryCap::for_test("surgery_on_a_model_far_bigger_than_a_64_mb_memory_cap_completes", CAP) else { return };
     let dir = tempfile::tempdir().unwrap();
     let model = synthetic_llama(dir.path(), 8, 768, 2048, 2000);
     let size = std::fs::metadata(model.join("model.safetensors")).unwrap().len();
@@ -675,13 +676,7 @@ fn surgery_on_a_model_far_bigger_than_a_64_mb_memory_cap_completes() {
 #[test]
 fn analysis_of_a_model_bigger_than_its_memory_cap_completes() {
     const CAP: u64 = 512 << 20;
-    let cap = match MemoryCap::new(CAP) {
-        Ok(cap) => cap,
-        Err(why) => {
-            eprintln!("SKIPPED analysis_of_a_model_bigger_than_its_memory_cap_completes: cgroups are not writable here ({why})");
-            return;
-        }
-    };
+    let Some(cap) = MemoryCap::for_test("analysis_of_a_model_bigger_than_its_memory_cap_completes", CAP) else { return };
     let dir = tempfile::tempdir().unwrap();
     let model = synthetic_llama(dir.path(), 24, 768, 2048, 2000);
     let size = std::fs::metadata(model.join("model.safetensors")).unwrap().len();
