@@ -115,15 +115,15 @@ def main():
         med = {t: statistics.median(v) for t, v in times.items()}
         written = sum(f.stat().st_size for f in reference.rglob("*") if f.is_file())
         rows.append(
-            f"| {time.strftime('%Y-%m-%d')} | {label} | {written / 1e9:.2f} | {med['scalpel']:.2f} | {med['mergekit']:.2f} | {med['floor']:.2f} "
+            f"| {time.strftime('%Y-%m-%d')} | {machine()} | {label} | {written / 1e9:.2f} | {med['scalpel']:.2f} | {med['mergekit']:.2f} | {med['floor']:.2f} "
             f"| **{med['scalpel'] / med['floor']:.2f}** | {med['mergekit'] / med['scalpel']:.1f}x |"
         )
         for path in (*out.values(), reference):
             shutil.rmtree(path, ignore_errors=True)
 
-    print(f"{machine()}, median of {a.runs}")
-    print("| date | case | GB written | scalpel (s) | mergekit (s) | floor (s) | scalpel / floor | mergekit / scalpel |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"median of {a.runs}")
+    print("| date | machine | case | GB written | scalpel (s) | mergekit (s) | floor (s) | scalpel / floor | mergekit / scalpel |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if a.append:
         bench = REPO / "BENCHMARKS.md"
