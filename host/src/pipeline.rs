@@ -398,7 +398,7 @@ pub fn record(recipe: &Recipe, registry: &Registry, ckpt: &Checkpoint, info: &Mo
     let files = ckpt.shard_paths().map(Path::to_path_buf).chain([ckpt.dir.join("config.json")]);
     for path in files.chain(recipe.calibration.as_ref().map(|c| c.file.clone())).chain(recipe.reports.clone()) {
         let path = std::path::absolute(&path)?;
-        inputs.insert(path.display().to_string(), Value::from(crate::data::sources::sha256_file(&path)?));
+        inputs.insert(path.display().to_string(), Value::from(crate::model::checkpoint::input_sha256(&path)?));
     }
     Ok(json!({
         "produced_by": format!("scalpel {}", env!("CARGO_PKG_VERSION")),

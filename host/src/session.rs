@@ -2,20 +2,24 @@
 //! windows run through it once. Every analyzer of a run reads the same hidden states; attention is
 //! computed from them one layer at a time, and kept for the next analyzer only while the layers kept
 //! fit a memory budget (`SCALPEL_ATTENTION_CACHE_MB`, default 2048): beyond it, layers are recomputed,
-//! so no model needs every layer's `[N, H, T, T]` in memory at once.
+//! so no model needs every layer's `[N, H, T, T]` in memory at once. Weights stream the same way:
+//! the forward pass holds one block's weights in float32 at a time, so a checkpoint bigger than
+//! memory can be analysed.
 
 use crate::calib::Windows;
+use crate::model::transformer::Part;
 use crate::model::{Checkpoint, Transformer};
 use anyhow::{bail, Result};
 use scalpel_sdk::{Calibration, ModelInfo, ModelSource};
-use std::cell::{OnceCell, RefCell};
+use std::cell::{OnceCell, Ref, RefCell};
 use tch::{Device, Kind, Tensor};
 
 pub struct Session<'a> {
     pub ckpt: &'a Checkpoint,
     info: ModelInfo,
     device: Device,
-    net: OnceCell<Transformer>,
+    /// The streaming forward pass, made on first use (strategies that only plan never pay for it).
+    net: RefCell<Option<Transformer>>,
     windows: Option<Windows>,
     /// Hidden states entering each block, and the last block's output: `layers + 1` of `[N, T, D]`.
     hidden: OnceCell<Vec<Tensor>>,
@@ -48,7 +52,7 @@ impl<'a> Session<'a> {
         };
         let budget_mb: usize = std::env::var("SCALPEL_ATTENTION_CACHE_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
         let attention = RefCell::new(((0..d.layers).map(|_| None).collect(), budget_mb << 20));
-        Session { ckpt, info, device, net: OnceCell::new(), windows, hidden: OnceCell::new(), attention }
+        Session { ckpt, info, device, net: RefCell::new(None), windows, hidden: OnceCell::new(), attention }
     }
 
     /// The calibration windows' token ids, `[N, T]`.
@@ -56,13 +60,16 @@ impl<'a> Session<'a> {
         self.windows.as_ref().map(|w| &w.ids)
     }
 
-    /// The forward pass, loaded on first use (strategies that only plan never pay for it).
-    fn net(&self) -> Result<&Transformer> {
-        if let Some(n) = self.net.get() {
-            return Ok(n);
+    /// The forward pass holding the weights of `part` (and no others).
+    fn net(&self, part: Part) -> Result<Ref<'_, Transformer>> {
+        {
+            let mut net = self.net.borrow_mut();
+            if net.is_none() {
+                *net = Some(Transformer::streaming(self.ckpt, self.device, Kind::Float)?);
+            }
+            net.as_mut().expect("made above").hold(self.ckpt, part)?;
         }
-        let n = Transformer::load(self.ckpt, self.device, Kind::Float)?;
-        Ok(self.net.get_or_init(|| n))
+        Ok(Ref::map(self.net.borrow(), |n| n.as_ref().expect("made above")))
     }
 
     /// One forward pass over the calibration windows, in batches, keeping every block's input.
@@ -73,25 +80,41 @@ impl<'a> Session<'a> {
         let Some(windows) = &self.windows else {
             bail!("this needs calibration data: pass --calib FILE (a text file, or [N, T] token ids as .safetensors / .npy)");
         };
-        let net = self.net()?;
         let _guard = tch::no_grad_guard();
         let started = std::time::Instant::now();
-        let batches: Vec<Tensor> = windows.ids.split(16, 0);
-        let mut per_layer: Vec<Vec<Tensor>> = (0..=net.dims.layers).map(|_| Vec::new()).collect();
-        let bar = indicatif::ProgressBar::new(batches.len() as u64)
-            .with_style(indicatif::ProgressStyle::with_template("forward pass {bar:30} {pos}/{len} batches, {eta} left").expect("a valid template"));
-        for ids in bar.wrap_iter(batches.iter()) {
-            let mut h = net.embed(ids)?;
-            for (i, slot) in per_layer.iter_mut().enumerate() {
-                if i > 0 {
-                    h = net.block(i - 1, &h)?;
+        // Block by block over all batches: each block's weights are read once. Batches bound the
+        // activations the forward pass materialises at once.
+        let layers = self.ckpt.dims.layers;
+        let embedded: Result<Vec<Tensor>> = windows.ids.split(16, 0).iter().map(|ids| self.net(Part::Embedding)?.embed(ids)).collect();
+        let mut hidden = vec![Tensor::cat(&embedded?, 0)];
+        check_finite(&hidden[0], 0)?;
+        let bar = indicatif::ProgressBar::new(layers as u64)
+            .with_style(indicatif::ProgressStyle::with_template("forward pass {bar:30} {pos}/{len} blocks, {eta} left").expect("a valid template"));
+        // The pass computes every block's attention anyway: kept while it fits the budget, so that
+        // attention analyzers do not read the weights a second time.
+        let (n, t) = (windows.ids.size()[0] as usize, windows.ids.size()[1] as usize);
+        let attention_bytes = n * self.ckpt.dims.heads * t * t * Kind::Float.elt_size_in_bytes();
+        for i in bar.wrap_iter(0..layers) {
+            let net = self.net(Part::Block(i))?;
+            let keep = attention_bytes <= self.attention.borrow().1;
+            let (mut outs, mut probs) = (Vec::new(), Vec::new());
+            for h in hidden[i].split(16, 0) {
+                let (out, p) = net.block_attention(i, &h)?;
+                outs.push(out);
+                if keep {
+                    probs.push(p);
                 }
-                check_finite(&h, i)?;
-                slot.push(h.shallow_clone());
             }
+            if keep {
+                let mut cache = self.attention.borrow_mut();
+                cache.1 -= attention_bytes;
+                cache.0[i] = Some(Tensor::cat(&probs, 0));
+            }
+            let h = Tensor::cat(&outs, 0);
+            check_finite(&h, i + 1)?;
+            hidden.push(h);
         }
         bar.finish_and_clear();
-        let hidden = per_layer.into_iter().map(|parts| Tensor::cat(&parts, 0)).collect();
         eprintln!("forward pass over {} calibration windows: {:.1} s", windows.ids.size()[0], started.elapsed().as_secs_f64());
         Ok(self.hidden.get_or_init(|| hidden))
     }
@@ -114,13 +137,14 @@ impl ModelSource for Session<'_> {
     }
 
     fn attention(&self, layer: usize) -> Result<Tensor> {
+        let hidden = self.hidden_states()?;
         if let Some(a) = &self.attention.borrow().0[layer] {
             return Ok(a.copy()); // a copy: plugins may write into what they get
         }
-        let hidden = self.hidden_states()?;
         let _guard = tch::no_grad_guard();
+        let net = self.net(Part::Block(layer))?;
         // Batches bound the [b, H, T, T] scores the forward pass materialises at once.
-        let parts: Result<Vec<Tensor>> = hidden[layer].split(16, 0).iter().map(|h| self.net()?.attention(layer, h)).collect();
+        let parts: Result<Vec<Tensor>> = hidden[layer].split(16, 0).iter().map(|h| net.attention(layer, h)).collect();
         let a = Tensor::cat(&parts?, 0);
         let bytes = a.numel() * a.kind().elt_size_in_bytes();
         let mut cache = self.attention.borrow_mut();
@@ -138,17 +162,21 @@ impl ModelSource for Session<'_> {
 
     fn loss(&self, skip: &[usize]) -> Result<f64> {
         let hidden = self.hidden_states()?;
-        let (net, ids) = (self.net()?, self.calibration_ids().expect("hidden states exist, so windows do"));
+        let ids = self.calibration_ids().expect("hidden states exist, so windows do");
         let _guard = tch::no_grad_guard();
         // Blocks before the first skipped one are unchanged: start from the hidden states entering it.
-        let start = skip.iter().copied().min().unwrap_or(net.dims.layers);
+        // Block by block over all batches, as the forward pass streams the weights.
+        let layers = self.ckpt.dims.layers;
+        let start = skip.iter().copied().min().unwrap_or(layers);
+        let mut h: Vec<Tensor> = hidden[start].split(16, 0);
+        for i in (start..layers).filter(|i| !skip.contains(i)) {
+            let net = self.net(Part::Block(i))?;
+            h = h.iter().map(|x| net.block_fused(i, x, None)).collect::<Result<_>>()?;
+        }
+        let net = self.net(Part::Head)?;
         let (mut sum, mut count) = (0.0, 0usize);
-        for (h, ids) in hidden[start].split(16, 0).iter().zip(ids.split(16, 0)) {
-            let mut h = h.shallow_clone();
-            for i in (start..net.dims.layers).filter(|i| !skip.contains(i)) {
-                h = net.block_fused(i, &h, None)?;
-            }
-            let per_token = net.loss_of_logits(&net.head(&h)?, &ids, 0, tch::Reduction::None)?;
+        for (x, ids) in h.iter().zip(ids.split(16, 0)) {
+            let per_token = net.loss_of_logits(&net.head(x)?, &ids, 0, tch::Reduction::None)?;
             sum += per_token.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
             count += per_token.numel();
         }

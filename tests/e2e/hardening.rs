@@ -610,7 +610,9 @@ struct MemoryCap {
 
 impl MemoryCap {
     fn new(bytes: u64) -> Result<Self, String> {
-        let name = format!("scalpel-test-{}", std::process::id());
+        // One per test: tests of one process run in parallel.
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!("scalpel-test-{}-{}", std::process::id(), COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let root = Path::new("/sys/fs/cgroup");
         let (dir, limits, peak): (PathBuf, &[&str], _) = if root.join("cgroup.controllers").exists() {
             let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
@@ -628,6 +630,11 @@ impl MemoryCap {
         let swap = if limits[1] == "memory.swap.max" { 0 } else { bytes };
         let _ = std::fs::write(cap.dir.join(limits[1]), swap.to_string());
         Ok(cap)
+    }
+
+    /// The cap for the test `name`, or None after saying why the test is skipped.
+    fn for_test(name: &str, bytes: u64) -> Option<Self> {
+        Self::new(bytes).map_err(|why| eprintln!("SKIPPED {name}: cgroups are not writable here ({why})")).ok()
     }
 
     /// `cmd` run inside the cgroup (a shell moves itself in, then execs the command).
@@ -649,13 +656,7 @@ impl Drop for MemoryCap {
 #[test]
 fn surgery_on_a_model_far_bigger_than_a_64_mb_memory_cap_completes() {
     const CAP: u64 = 64 << 20;
-    let cap = match MemoryCap::new(CAP) {
-        Ok(cap) => cap,
-        Err(why) => {
-            eprintln!("SKIPPED surgery_on_a_model_far_bigger_than_a_64_mb_memory_cap_completes: cgroups are not writable here ({why})");
-            return;
-        }
-    };
+    let Some(cap) = MemoryCap::for_test("surgery_on_a_model_far_bigger_than_a_64_mb_memory_cap_completes", CAP) else { return };
     let dir = tempfile::tempdir().unwrap();
     let model = synthetic_llama(dir.path(), 8, 768, 2048, 2000);
     let size = std::fs::metadata(model.join("model.safetensors")).unwrap().len();
@@ -668,4 +669,25 @@ fn surgery_on_a_model_far_bigger_than_a_64_mb_memory_cap_completes() {
     eprintln!("peak memory of the capped run: {:?} MB (model {} MB)", cap.peak_bytes().map(|b| b >> 20), size >> 20);
     assert_eq!(read_json(&out.join("model/config.json"))["num_hidden_layers"], 12);
     run(scalpel().arg("inspect").arg(out.join("model"))).success();
+}
+
+/// Analysis streams the checkpoint a block at a time: a model whose float32 weights alone exceed the cap
+/// is analysed inside it (loading it whole, as eval does, would be killed).
+#[test]
+fn analysis_of_a_model_bigger_than_its_memory_cap_completes() {
+    const CAP: u64 = 512 << 20;
+    let Some(cap) = MemoryCap::for_test("analysis_of_a_model_bigger_than_its_memory_cap_completes", CAP) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic_llama(dir.path(), 24, 768, 2048, 2000);
+    let size = std::fs::metadata(model.join("model.safetensors")).unwrap().len();
+    assert!(size > CAP, "the model's float32 weights ({size} bytes) must exceed the cap");
+    let ids = token_ids_npy(dir.path(), 8, 64, 2000);
+    let out = dir.path().join("analysis");
+    let mut cmd = scalpel();
+    cmd.args(["analyze", "-a", "attn-rank"]).arg(&model).arg("--calib").arg(&ids).arg("-o").arg(&out).env("OMP_NUM_THREADS", "1");
+    let r = cap.run(&cmd);
+    assert!(r.status.success(), "killed or failed under a {CAP}-byte cap: {:?}\n{}", r.status, String::from_utf8_lossy(&r.stderr));
+    eprintln!("peak memory of the capped analysis: {:?} MB (model {} MB)", cap.peak_bytes().map(|b| b >> 20), size >> 20);
+    let reports = read_json(&out.join("reports.json"));
+    assert_eq!(reports["attn-rank"]["metrics"][0]["per_layer"].as_array().map(Vec::len), Some(24));
 }

@@ -3,16 +3,18 @@
 
 use super::arch::{self, Arch};
 use anyhow::{anyhow, bail, Context, Result};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 pub const CONFIG: &str = "config.json";
 pub const SINGLE: &str = "model.safetensors";
 pub const INDEX: &str = "model.safetensors.index.json";
+/// Stored bytes converted at once by `Checkpoint::tensor_in`.
+const CONVERT_CHUNK_BYTES: usize = 64 << 20;
 
 /// Sizes read off config.json through the architecture's key names.
 #[derive(Debug, Clone, PartialEq)]
@@ -220,6 +222,44 @@ impl Checkpoint {
         Tensor::f_from_data_size(self.bytes(name)?, &shape, kind).with_context(|| format!("reading tensor `{name}`"))
     }
 
+    /// A tensor on the CPU with floating point converted to `kind`, a slice of rows at a time: the stored
+    /// copy of a whole large tensor (a 7B model's 1 GB embedding) and its float32 copy never coexist.
+    /// The pages read from the map are then handed back, so streaming a checkpoint through analysis
+    /// does not pile it up in the process's memory.
+    pub fn tensor_in(&self, name: &str, kind: Kind) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        let stored = kind_of(e.dtype).with_context(|| format!("tensor `{name}`"))?;
+        let bytes = self.bytes(name)?;
+        let shape: Vec<i64> = e.shape.iter().map(|&d| d as i64).collect();
+        let t = if stored == kind || !matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) || shape.is_empty() || bytes.is_empty() {
+            let t = self.tensor(name)?;
+            if t.is_floating_point() { t.f_to_kind(kind)? } else { t }
+        } else {
+            let out = Tensor::f_empty(&shape, (kind, Device::Cpu))?;
+            let row_bytes = bytes.len() / e.shape[0];
+            let rows_per_chunk = (CONVERT_CHUNK_BYTES / row_bytes.max(1)).max(1);
+            for first in (0..e.shape[0]).step_by(rows_per_chunk) {
+                let rows = rows_per_chunk.min(e.shape[0] - first);
+                let mut part_shape = shape.clone();
+                part_shape[0] = rows as i64;
+                let part = Tensor::f_from_data_size(&bytes[first * row_bytes..(first + rows) * row_bytes], &part_shape, stored)
+                    .with_context(|| format!("reading tensor `{name}`"))?;
+                out.narrow(0, first as i64, rows as i64).f_copy_(&part)?;
+                self.release(e.shard, e.start + first * row_bytes, rows * row_bytes);
+            }
+            out
+        };
+        self.release(e.shard, e.start, e.end - e.start);
+        Ok(t)
+    }
+
+    /// Hands the pages of a range of a shard's map back to the kernel.
+    fn release(&self, shard: usize, start: usize, len: usize) {
+        // SAFETY: the map is read-only and file-backed, so dropped pages are read again from the file on
+        // the next access (surgery may still borrow these bytes): only residency changes, never content.
+        let _ = unsafe { self.shards[shard].1.unchecked_advise_range(UncheckedAdvice::DontNeed, start, len) };
+    }
+
     /// The weights' dtype (the most common one among the tensors).
     pub fn dtype(&self) -> &'static str {
         let mut counts = BTreeMap::new();
@@ -245,6 +285,34 @@ impl Checkpoint {
     pub fn shard_paths(&self) -> impl Iterator<Item = &Path> {
         self.shards.iter().map(|(p, _)| p.as_path())
     }
+}
+
+/// The sha256 of an input file, for the records of runs. Hashing a checkpoint takes longer than
+/// cutting it, so the digest is kept in the cache under the file's identity: device, inode, size,
+/// and modification and change times (the change time moves on every write, and no program can set
+/// it back). An unchanged input is hashed once; the cache is a convenience, never an error.
+pub fn input_sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::os::unix::fs::MetadataExt;
+    let identity = |m: &std::fs::Metadata| format!("{:x}-{:x}-{}-{}.{}-{}.{}", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
+    let before = identity(&std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?);
+    let cached = crate::data::sources::cache_dir().ok().map(|d| d.join("sha256").join(&before));
+    if let Some(digest) = cached.as_ref().and_then(|c| std::fs::read_to_string(c).ok()) {
+        if digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(digest);
+        }
+    }
+    let mut file = std::io::BufReader::with_capacity(1 << 20, scalpel_files::open_regular(path)?);
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    let digest = crate::data::sources::hex(&hasher.finalize());
+    // Only a file that did not change while it was read is remembered.
+    if let (Some(c), Ok(m)) = (&cached, std::fs::metadata(path)) {
+        if identity(&m) == before && c.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) {
+            let _ = scalpel_files::write_file(c, digest.as_bytes());
+        }
+    }
+    Ok(digest)
 }
 
 fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -365,5 +433,23 @@ pub fn torch_dtype_name(dtype: Dtype) -> &'static str {
         Dtype::F16 => "float16",
         Dtype::BF16 => "bfloat16",
         _ => "float32",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cached digest is the file's sha256, and a rewritten file (same size, new content) is hashed again.
+    #[test]
+    fn input_checksums_are_cached_until_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("input");
+        std::fs::write(&file, b"abc").unwrap();
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(input_sha256(&file).unwrap(), abc);
+        assert_eq!(input_sha256(&file).unwrap(), abc, "from the cache");
+        std::fs::write(&file, b"abd").unwrap();
+        assert_eq!(input_sha256(&file).unwrap(), "a52d159f262b2c6ddb724a61840befc36eb30c88877a4030b65cbe86298449c9");
     }
 }

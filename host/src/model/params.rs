@@ -20,13 +20,27 @@ pub struct Params {
 impl Params {
     /// Every tensor of the checkpoint on `device`, floating-point ones converted to `kind`.
     pub fn load(ckpt: &Checkpoint, device: Device, kind: Kind) -> Result<Self> {
-        let mut tensors = BTreeMap::new();
-        for name in ckpt.names() {
-            let t = ckpt.tensor(name)?.f_to_device(device)?;
-            let t = if t.is_floating_point() { t.f_to_kind(kind)? } else { t };
-            tensors.insert(name.to_string(), t);
+        let mut params = Params::empty();
+        params.hold(ckpt, device, kind, |_| true)?;
+        Ok(params)
+    }
+
+    /// No tensors yet (see `hold`).
+    pub fn empty() -> Self {
+        Params { tensors: BTreeMap::new(), amp: None }
+    }
+
+    /// Exactly the checkpoint's tensors that `keep` selects: the others are dropped first, then the
+    /// missing ones are read. Streaming analysis holds one block at a time this way.
+    pub fn hold(&mut self, ckpt: &Checkpoint, device: Device, kind: Kind, keep: impl Fn(&str) -> bool) -> Result<()> {
+        self.tensors.retain(|name, _| keep(name));
+        for name in ckpt.names().filter(|n| keep(n)) {
+            if !self.tensors.contains_key(name) {
+                let t = ckpt.tensor_in(name, kind)?.f_to_device(device)?;
+                self.tensors.insert(name.to_string(), t);
+            }
         }
-        Ok(Params { tensors, amp: None })
+        Ok(())
     }
 
     /// Fresh tensors of the given names and shapes, filled by `init` (a seeded generator is the caller's).

@@ -56,6 +56,17 @@ pub trait Family {
     fn init(&self, name: &str) -> Init;
 }
 
+/// What a streaming forward pass needs resident for its next step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Part {
+    /// Token (and position) embeddings, to start the pass.
+    Embedding,
+    /// The weights of block `i`.
+    Block(usize),
+    /// The final norm and the output head (the embedding, when tied): to end the pass in logits.
+    Head,
+}
+
 /// Keys and values of the positions seen so far, per block: `generate` feeds one token at a time.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -83,6 +94,24 @@ impl Transformer {
     pub fn load(ckpt: &Checkpoint, device: Device, kind: Kind) -> Result<Self> {
         let family = family(ckpt, device)?;
         Ok(Self::assemble(ckpt, device, kind, Params::load(ckpt, device, kind)?, family))
+    }
+
+    /// The forward pass with no weights yet: `hold` brings in the part a step needs, so analysis streams a
+    /// checkpoint bigger than memory through the same code, one block in float32 at a time.
+    pub fn streaming(ckpt: &Checkpoint, device: Device, kind: Kind) -> Result<Self> {
+        let family = family(ckpt, device)?;
+        Ok(Self::assemble(ckpt, device, kind, Params::empty(), family))
+    }
+
+    /// Streaming: only the weights `part` needs stay on the device (read from `ckpt` if not held yet).
+    pub fn hold(&mut self, ckpt: &Checkpoint, part: Part) -> Result<()> {
+        let (t, prefixes) = (&ckpt.arch.tensors, &self.prefixes);
+        let keep = |name: &str| match part {
+            Part::Embedding => name == t.embedding || t.position_embedding.as_deref() == Some(name),
+            Part::Block(i) => name.starts_with(&prefixes[i]),
+            Part::Head => t.final_norm.iter().any(|f| f == name) || name == t.lm_head || (ckpt.tied() && name == t.embedding),
+        };
+        self.params.hold(ckpt, self.device, self.kind, keep)
     }
 
     /// The same architecture freshly initialised as transformers would (seeded): the "from scratch" model.
@@ -127,10 +156,16 @@ impl Transformer {
 
     /// Block `i` with explicit attention probabilities (transformers' eager path): what analyzers see.
     pub fn block(&self, i: usize, h: &Tensor) -> Result<Tensor> {
+        Ok(self.block_attention(i, h)?.0)
+    }
+
+    /// `block`, and the attention it computed on the way (`attention`'s result, without a second pass).
+    pub fn block_attention(&self, i: usize, h: &Tensor) -> Result<(Tensor, Tensor)> {
         let (q, k, v) = self.qkv(i, h, 0)?;
         let v = self.repeat_kv(&v);
-        let mixed = self.probs(i, &q, &self.repeat_kv(&k))?.to_kind(v.kind()).matmul(&v);
-        self.finish(i, h, &mixed)
+        let probs = self.probs(i, &q, &self.repeat_kv(&k))?;
+        let mixed = probs.to_kind(v.kind()).matmul(&v);
+        Ok((self.finish(i, h, &mixed)?, probs))
     }
 
     /// Block `i` with libtorch's fused attention, continuing `cache` when one is given.
@@ -376,6 +411,30 @@ mod tests {
             }
             let d = max_diff(&Tensor::cat(&parts, 1), &full);
             assert!(d < 1e-4, "{name}: cached logits differ by {d}");
+        }
+    }
+
+    /// Streaming holds exactly one part's weights at a time and computes what the resident model does, bit for bit.
+    #[test]
+    fn a_streaming_pass_holding_one_block_at_a_time_equals_the_resident_one() {
+        for name in ["tiny-llama", "tiny-gpt2"] {
+            let ckpt = Checkpoint::open(&data(name)).unwrap();
+            let net = Transformer::load(&ckpt, Device::Cpu, Kind::Float).unwrap();
+            let mut stream = Transformer::streaming(&ckpt, Device::Cpu, Kind::Float).unwrap();
+            let ids = golden(name)["input_ids"].shallow_clone();
+            let _guard = tch::no_grad_guard();
+            stream.hold(&ckpt, Part::Embedding).unwrap();
+            let (mut h, mut hs) = (net.embed(&ids).unwrap(), stream.embed(&ids).unwrap());
+            for i in 0..ckpt.dims.layers {
+                stream.hold(&ckpt, Part::Block(i)).unwrap();
+                let prefix = ckpt.arch.block_prefix(i);
+                assert!(stream.params.iter().all(|(n, _)| n.starts_with(&prefix)), "{name}: only block {i} is held");
+                assert_eq!(stream.params.iter().count(), ckpt.names().filter(|n| n.starts_with(&prefix)).count());
+                let (out, attention) = stream.block_attention(i, &hs).unwrap();
+                assert_eq!(max_diff(&attention, &net.attention(i, &h).unwrap()), 0.0, "{name}: attention of block {i}");
+                (h, hs) = (net.block(i, &h).unwrap(), out);
+                assert_eq!(max_diff(&h, &hs), 0.0, "{name}: block {i}");
+            }
         }
     }
 
