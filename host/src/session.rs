@@ -1,8 +1,8 @@
 //! A model opened for plugins: the checkpoint, its forward pass on a device, and the calibration
-//! windows run through it once. Every analyzer of a run reads the same hidden states; attention is
-//! computed from them one layer at a time, and kept for the next analyzer only while the layers kept
-//! fit a memory budget (`SCALPEL_ATTENTION_CACHE_MB`, default 2048): beyond it, layers are recomputed,
-//! so no model needs every layer's `[N, H, T, T]` in memory at once.
+//! windows run through it once. Every analyzer of a run reads the same hidden states, and the same
+//! attention: the forward pass forms every layer's probabilities anyway, and keeps them while the layers
+//! kept fit a memory budget (`SCALPEL_ATTENTION_CACHE_MB`, default 2048). Layers beyond it are recomputed
+//! from the hidden states one at a time, so no model needs every layer's `[N, H, T, T]` in memory at once.
 
 use crate::calib::Windows;
 use crate::model::{Checkpoint, Transformer};
@@ -25,6 +25,12 @@ pub struct Session<'a> {
 
 impl<'a> Session<'a> {
     pub fn new(ckpt: &'a Checkpoint, device: Device, windows: Option<Windows>) -> Self {
+        let budget_mb: usize = std::env::var("SCALPEL_ATTENTION_CACHE_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
+        Self::with_attention_budget(ckpt, device, windows, budget_mb << 20)
+    }
+
+    /// A session that keeps at most `budget` bytes of attention.
+    pub fn with_attention_budget(ckpt: &'a Checkpoint, device: Device, windows: Option<Windows>, budget: usize) -> Self {
         let d = &ckpt.dims;
         let info = ModelInfo {
             family: ckpt.arch.family.clone(),
@@ -45,8 +51,7 @@ impl<'a> Session<'a> {
                 source: w.source.clone(),
             }),
         };
-        let budget_mb: usize = std::env::var("SCALPEL_ATTENTION_CACHE_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
-        let attention = RefCell::new(((0..d.layers).map(|_| None).collect(), budget_mb << 20));
+        let attention = RefCell::new(((0..d.layers).map(|_| None).collect(), budget));
         Session { ckpt, info, device, net: OnceCell::new(), windows, hidden: OnceCell::new(), attention }
     }
 
@@ -77,13 +82,22 @@ impl<'a> Session<'a> {
         let started = std::time::Instant::now();
         let batches: Vec<Tensor> = windows.ids.split(16, 0);
         let mut per_layer: Vec<Vec<Tensor>> = (0..=net.dims.layers).map(|_| Vec::new()).collect();
+        // The first layers whose attention fits the budget keep what the forward pass forms.
+        let (n, t) = windows.ids.size2()?;
+        let layer_bytes = (n * net.dims.heads as i64 * t * t) as usize * net.kind.elt_size_in_bytes();
+        let kept = (self.attention.borrow().1 / layer_bytes.max(1)).min(net.dims.layers);
+        let mut attention: Vec<Vec<Tensor>> = (0..kept).map(|_| Vec::new()).collect();
         let bar = indicatif::ProgressBar::new(batches.len() as u64)
             .with_style(indicatif::ProgressStyle::with_template("forward pass {bar:30} {pos}/{len} batches, {eta} left").expect("a valid template"));
         for ids in bar.wrap_iter(batches.iter()) {
             let mut h = net.embed(ids)?;
             for (i, slot) in per_layer.iter_mut().enumerate() {
                 if i > 0 {
-                    h = net.block(i - 1, &h)?;
+                    let (next, probs) = net.block_and_attention(i - 1, &h)?;
+                    if let Some(parts) = attention.get_mut(i - 1) {
+                        parts.push(probs);
+                    }
+                    h = next;
                 }
                 check_finite(&h, i)?;
                 slot.push(h.shallow_clone());
@@ -91,6 +105,11 @@ impl<'a> Session<'a> {
         }
         bar.finish_and_clear();
         let hidden = per_layer.into_iter().map(|parts| Tensor::cat(&parts, 0)).collect();
+        let mut cache = self.attention.borrow_mut();
+        for (layer, parts) in attention.into_iter().enumerate() {
+            cache.1 -= layer_bytes;
+            cache.0[layer] = Some(Tensor::cat(&parts, 0));
+        }
         eprintln!("forward pass over {} calibration windows: {:.1} s", windows.ids.size()[0], started.elapsed().as_secs_f64());
         Ok(self.hidden.get_or_init(|| hidden))
     }
@@ -113,10 +132,11 @@ impl ModelSource for Session<'_> {
     }
 
     fn attention(&self, layer: usize) -> Result<Tensor> {
+        // The forward pass fills the cache of the layers within the budget.
+        let hidden = self.hidden_states()?;
         if let Some(a) = &self.attention.borrow().0[layer] {
             return Ok(a.copy()); // a copy: plugins may write into what they get
         }
-        let hidden = self.hidden_states()?;
         let _guard = tch::no_grad_guard();
         // Batches bound the [b, H, T, T] scores the forward pass materialises at once.
         let parts: Result<Vec<Tensor>> = hidden[layer].split(16, 0).iter().map(|h| self.net()?.attention(layer, h)).collect();
@@ -133,5 +153,33 @@ impl ModelSource for Session<'_> {
     fn hidden(&self, layer: usize) -> Result<Tensor> {
         // A copy: the cache feeds `attention` and every later analyzer, and plugins may write into what they get.
         Ok(self.hidden_states()?[layer].copy())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn attention_kept_from_the_forward_pass_equals_attention_recomputed() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/tiny-llama");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let windows = || Some(Windows { ids: Tensor::arange(2 * 24, (Kind::Int64, Device::Cpu)).remainder(50).reshape([2, 24]), source: "test".into() });
+        let layers = ckpt.dims.layers;
+        let layer_bytes = 2 * ckpt.dims.heads * 24 * 24 * 4;
+        // All layers kept; one layer kept (the rest recomputed); none kept.
+        let sessions = [layers, 1, 0].map(|kept| Session::with_attention_budget(&ckpt, Device::Cpu, windows(), kept * layer_bytes));
+        for layer in 0..layers {
+            let a: Vec<Tensor> = sessions.iter().map(|s| s.attention(layer).unwrap()).collect();
+            assert_eq!(a[0].size(), [2, ckpt.dims.heads as i64, 24, 24]);
+            assert!(a[0].equal(&a[1]) && a[0].equal(&a[2]), "layer {layer}");
+        }
+        assert!(sessions[0].attention.borrow().0.iter().all(Option::is_some));
+        assert_eq!(sessions[1].attention.borrow().0.iter().filter(|a| a.is_some()).count(), 1);
+        assert!(sessions[2].attention.borrow().0.iter().all(Option::is_none));
+        // What a plugin gets is its own: writing into it leaves the kept attention as it was.
+        let _ = sessions[0].attention(0).unwrap().fill_(0.0);
+        assert!(sessions[0].attention(0).unwrap().equal(&sessions[2].attention(0).unwrap()));
     }
 }

@@ -113,10 +113,16 @@ impl Transformer {
 
     /// Block `i` with explicit attention probabilities (transformers' eager path): what analyzers see.
     pub fn block(&self, i: usize, h: &Tensor) -> Result<Tensor> {
+        Ok(self.block_and_attention(i, h)?.0)
+    }
+
+    /// `block`, and the post-softmax attention it formed on the way, `[batch, heads, T, T]`.
+    pub fn block_and_attention(&self, i: usize, h: &Tensor) -> Result<(Tensor, Tensor)> {
         let (q, k, v) = self.qkv(i, h, 0)?;
         let v = self.repeat_kv(&v);
-        let mixed = self.probs(i, &q, &self.repeat_kv(&k))?.to_kind(v.kind()).matmul(&v);
-        self.finish(i, h, &mixed)
+        let probs = self.probs(i, &q, &self.repeat_kv(&k))?;
+        let mixed = probs.to_kind(v.kind()).matmul(&v);
+        Ok((self.finish(i, h, &mixed)?, probs))
     }
 
     /// Block `i` with libtorch's fused attention, continuing `cache` when one is given.
