@@ -201,7 +201,9 @@ pub fn execute(p: &Prepared, session: &Session, registry: &Registry, progress: &
         progress(&format!("{kind} {name} …"));
         match kind {
             ItemKind::Analyzer => {
+                let stage = session.stage(name);
                 let out = item.call(session, &step.config, &json!({}))?;
+                drop(stage);
                 let mut report: Report = serde_json::from_value(out).with_context(|| format!("`{name}` returned a malformed report"))?;
                 report.analyzer = name.to_string();
                 check_report(&report, ckpt.dims.layers)?;

@@ -21,6 +21,20 @@ pub struct Session<'a> {
     hidden: OnceCell<Vec<Tensor>>,
     /// Attention of the layers that fit the budget, and the bytes of budget left.
     attention: RefCell<(Vec<Option<Tensor>>, usize)>,
+    /// The analyzer running now, and its progress over layers once it asks for attention.
+    stage: RefCell<Option<(String, Option<indicatif::ProgressBar>)>>,
+}
+
+/// While this lives, attention requests advance a progress bar named after the analyzer (drawn only when
+/// stderr is a terminal); dropping it clears the bar.
+pub struct Stage<'s>(&'s RefCell<Option<(String, Option<indicatif::ProgressBar>)>>);
+
+impl Drop for Stage<'_> {
+    fn drop(&mut self) {
+        if let Some((_, Some(bar))) = self.0.borrow_mut().take() {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 impl<'a> Session<'a> {
@@ -52,7 +66,24 @@ impl<'a> Session<'a> {
             }),
         };
         let attention = RefCell::new(((0..d.layers).map(|_| None).collect(), budget));
-        Session { ckpt, info, device, net: OnceCell::new(), windows, hidden: OnceCell::new(), attention }
+        Session { ckpt, info, device, net: OnceCell::new(), windows, hidden: OnceCell::new(), attention, stage: RefCell::new(None) }
+    }
+
+    /// Shows the progress of `name` (an analyzer) over the layers it pulls attention for, until the guard goes.
+    pub fn stage(&self, name: &str) -> Stage<'_> {
+        *self.stage.borrow_mut() = Some((name.to_string(), None));
+        Stage(&self.stage)
+    }
+
+    /// Layer `layer` requested: the layers before it are done.
+    fn advance(&self, layer: usize) {
+        if let Some((name, bar)) = self.stage.borrow_mut().as_mut() {
+            let bar = bar.get_or_insert_with(|| {
+                let style = indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} layers, {eta} left").expect("a valid template");
+                indicatif::ProgressBar::new(self.info.layers as u64).with_style(style).with_message(name.clone())
+            });
+            bar.set_position(layer as u64);
+        }
     }
 
     /// The calibration windows' token ids, `[N, T]`.
@@ -134,6 +165,7 @@ impl ModelSource for Session<'_> {
     fn attention(&self, layer: usize) -> Result<Tensor> {
         // The forward pass fills the cache of the layers within the budget.
         let hidden = self.hidden_states()?;
+        self.advance(layer);
         if let Some(a) = &self.attention.borrow().0[layer] {
             return Ok(a.copy()); // a copy: plugins may write into what they get
         }

@@ -45,9 +45,9 @@ pub fn energy_rank(attn: &Tensor, tau: f64, kind: Kind) -> Result<Tensor> {
 /// A float64 input rounded to float32 perturbs A entrywise by a relative ε₃₂, well within δ's generosity.
 /// Where the float32 k̂ clears the threshold by more than that on both sides (k̂ reaches it, k̂ − 1 does
 /// not), k* = k̂ for certain; the others, 1 to 3 % of real attention, are solved again in float64.
-fn certified_rank(a: &Tensor, tau: f64) -> Result<Tensor> {
-    let (b, t, _) = a.size3()?;
-    let a = a.f_to_kind(Kind::Float)?;
+fn certified_rank(input: &Tensor, tau: f64) -> Result<Tensor> {
+    let (b, t, _) = input.size3()?;
+    let a = input.f_to_kind(Kind::Float)?;
     let threshold = a.f_square()?.f_sum_dim_intlist(&[1, 2][..], false, Kind::Double)? * (tau * (1.0 - slack(Kind::Double)));
     // k* = 1 where one power step's Rayleigh quotient, a lower bound of σ₁², already reaches the threshold;
     // everything in it is a sum of non-negative terms, so float32 errs by a relative γ's worth at most.
@@ -67,7 +67,9 @@ fn certified_rank(a: &Tensor, tau: f64) -> Result<Tensor> {
     let sure = (reached - guess.to_kind(Kind::Double) * &delta)
         .f_ge_tensor(&threshold)?
         .logical_and(&(before + (&guess - 1).to_kind(Kind::Double) * &delta).f_lt_tensor(&threshold)?);
-    let rank = redo_unsure(guess, &sure, |unsure| rank_of_batch(&a.f_index_select(0, unsure)?.f_to_kind(Kind::Double)?, tau, Kind::Double))?;
+    // The float64 answer for the input as given (not its float32 rounding).
+    let exact = |unsure: &Tensor| rank_of_batch(&input.f_index_select(0, &open.f_index_select(0, unsure)?)?.f_to_kind(Kind::Double)?, tau, Kind::Double);
+    let rank = redo_unsure(guess, &sure, exact)?;
     Ok(k.f_index_copy(0, &open, &rank)?)
 }
 
