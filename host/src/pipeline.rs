@@ -272,7 +272,9 @@ pub fn write(p: &Prepared, staging: StagedDir, session: &Session, outcome: &Outc
 /// Runs an analyzer on the session's model and checks its report.
 pub fn analyze(item: &crate::plugins::ItemRef, session: &Session, config: &Value) -> Result<Report> {
     let name = &item.item.name;
+    let progress = session.stage(name);
     let out = item.call(session, config, &json!({}))?;
+    drop(progress);
     let mut report: Report = serde_json::from_value(out).with_context(|| format!("`{name}` returned a malformed report"))?;
     report.analyzer = name.to_string();
     report.check(session.info().layers)?;

@@ -25,10 +25,30 @@ pub struct Session<'a> {
     hidden: OnceCell<Vec<Tensor>>,
     /// Attention of the layers that fit the budget, and the bytes of budget left.
     attention: RefCell<(Vec<Option<Tensor>>, usize)>,
+    /// The analyzer running now, and its progress over layers once it asks for attention.
+    stage: RefCell<Option<(String, Option<indicatif::ProgressBar>)>>,
+}
+
+/// While this lives, attention requests advance a progress bar named after the analyzer (drawn only when
+/// stderr is a terminal); dropping it clears the bar.
+pub struct Stage<'s>(&'s RefCell<Option<(String, Option<indicatif::ProgressBar>)>>);
+
+impl Drop for Stage<'_> {
+    fn drop(&mut self) {
+        if let Some((_, Some(bar))) = self.0.borrow_mut().take() {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 impl<'a> Session<'a> {
     pub fn new(ckpt: &'a Checkpoint, device: Device, windows: Option<Windows>) -> Self {
+        let budget_mb: usize = std::env::var("SCALPEL_ATTENTION_CACHE_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
+        Self::with_attention_budget(ckpt, device, windows, budget_mb << 20)
+    }
+
+    /// A session that keeps at most `budget` bytes of attention.
+    pub fn with_attention_budget(ckpt: &'a Checkpoint, device: Device, windows: Option<Windows>, budget: usize) -> Self {
         let d = &ckpt.dims;
         let info = ModelInfo {
             family: ckpt.arch.family.clone(),
@@ -50,9 +70,25 @@ impl<'a> Session<'a> {
                 source: w.source.clone(),
             }),
         };
-        let budget_mb: usize = std::env::var("SCALPEL_ATTENTION_CACHE_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
-        let attention = RefCell::new(((0..d.layers).map(|_| None).collect(), budget_mb << 20));
-        Session { ckpt, info, device, net: RefCell::new(None), windows, hidden: OnceCell::new(), attention }
+        let attention = RefCell::new(((0..d.layers).map(|_| None).collect(), budget));
+        Session { ckpt, info, device, net: RefCell::new(None), windows, hidden: OnceCell::new(), attention, stage: RefCell::new(None) }
+    }
+
+    /// Shows the progress of `name` (an analyzer) over the layers it pulls attention for, until the guard goes.
+    pub fn stage(&self, name: &str) -> Stage<'_> {
+        *self.stage.borrow_mut() = Some((name.to_string(), None));
+        Stage(&self.stage)
+    }
+
+    /// Layer `layer` requested: the layers before it are done.
+    fn advance(&self, layer: usize) {
+        if let Some((name, bar)) = self.stage.borrow_mut().as_mut() {
+            let bar = bar.get_or_insert_with(|| {
+                let style = indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} layers, {eta} left").expect("a valid template");
+                indicatif::ProgressBar::new(self.info.layers as u64).with_style(style).with_message(name.clone())
+            });
+            bar.set_position(layer as u64);
+        }
     }
 
     /// The calibration windows' token ids, `[N, T]`.
@@ -137,7 +173,9 @@ impl ModelSource for Session<'_> {
     }
 
     fn attention(&self, layer: usize) -> Result<Tensor> {
+        // The forward pass fills the cache of the layers within the budget.
         let hidden = self.hidden_states()?;
+        self.advance(layer);
         if let Some(a) = &self.attention.borrow().0[layer] {
             return Ok(a.copy()); // a copy: plugins may write into what they get
         }
@@ -185,5 +223,33 @@ impl ModelSource for Session<'_> {
             bail!("the calibration loss without blocks {skip:?} is not finite");
         }
         Ok(mean)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn attention_kept_from_the_forward_pass_equals_attention_recomputed() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/tiny-llama");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let windows = || Some(Windows { ids: Tensor::arange(2 * 24, (Kind::Int64, Device::Cpu)).remainder(50).reshape([2, 24]), source: "test".into() });
+        let layers = ckpt.dims.layers;
+        let layer_bytes = 2 * ckpt.dims.heads * 24 * 24 * 4;
+        // All layers kept; one layer kept (the rest recomputed); none kept.
+        let sessions = [layers, 1, 0].map(|kept| Session::with_attention_budget(&ckpt, Device::Cpu, windows(), kept * layer_bytes));
+        for layer in 0..layers {
+            let a: Vec<Tensor> = sessions.iter().map(|s| s.attention(layer).unwrap()).collect();
+            assert_eq!(a[0].size(), [2, ckpt.dims.heads as i64, 24, 24]);
+            assert!(a[0].equal(&a[1]) && a[0].equal(&a[2]), "layer {layer}");
+        }
+        assert!(sessions[0].attention.borrow().0.iter().all(Option::is_some));
+        assert_eq!(sessions[1].attention.borrow().0.iter().filter(|a| a.is_some()).count(), 1);
+        assert!(sessions[2].attention.borrow().0.iter().all(Option::is_none));
+        // What a plugin gets is its own: writing into it leaves the kept attention as it was.
+        let _ = sessions[0].attention(0).unwrap().fill_(0.0);
+        assert!(sessions[0].attention(0).unwrap().equal(&sessions[2].attention(0).unwrap()));
     }
 }

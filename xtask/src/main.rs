@@ -5,8 +5,8 @@
 //! - `build`  setup, then a release build of the whole workspace (host, plugins, fixtures).
 //! - `test`   build, then every test.
 //! - `demo`   build, fetch a real model and text, and run scalpel's main job on them.
-//! - `bench`  build, then time scalpel's analysis of SmolLM2 against the paper-style Python reference
-//!            in the same run; appends a row to BENCHMARKS.md.
+//! - `bench`  build, then time scalpel's analysis of SmolLM2 against two Python references (batched
+//!            float32 SVD per layer; float64 SVD per matrix) in the same run; appends rows to BENCHMARKS.md.
 //! - `bench-train` build, then time `scalpel train` (f32 and bf16) and `scalpel eval` against PyTorch eager
 //!            on SmolLM2 in the same run; appends rows to BENCHMARKS.md.
 //! - `dist`   build, then pack the host and the built-in plugin sets (never libtorch or examples) into `dist/`.
@@ -148,8 +148,10 @@ fn demo(repo: &Path, extra: &[String]) -> Result<()> {
     status(run)
 }
 
-/// scalpel's analysis (attn-rank + attn-mass, N = T = 100) against `scripts/bench_reference.py` (transformers
-/// eager attention + one `torch.linalg.svdvals` per matrix) on the same windows, same machine, same run.
+/// scalpel's analysis (attn-rank + attn-mass, N = T = 100) against `scripts/bench_reference.py` on the same windows,
+/// same machine, same run: the strong reference (transformers eager attention + one batched float32 `svdvals` per
+/// layer) and the paper-style loop (one float64 `svdvals` per matrix). Each side's forward pass and metric stage
+/// are timed apart; both must give the same per-head k* and m*. Appends two rows to BENCHMARKS.md.
 fn bench(repo: &Path) -> Result<()> {
     let model = smollm2_folder(repo)?;
     let text = fetch::brown_corpus(&repo.join("target/release/scalpel"), &fetch::cache_dir()?)?;
@@ -158,57 +160,50 @@ fn bench(repo: &Path) -> Result<()> {
     let mut analyze = Command::new(repo.join("target/release/scalpel"));
     analyze.arg("analyze").arg(&model).args(["-a", "attn-rank", "-a", "attn-mass", "-n", "100", "-t", "100", "--json", "--calib"]);
     analyze.arg(&text).arg("-o").arg(out.join("scalpel")).arg("--force");
-    let scalpel_out = output(analyze)?;
+    let (scalpel_out, log) = output_and_log(analyze)?;
     let scalpel_s = started.elapsed().as_secs_f64();
+    // The host's own timings: the forward pass, and each analyzer including the forward pass it triggered.
+    let seconds = |line: &str| line.rsplit(' ').nth(1).and_then(|s| s.parse::<f64>().ok());
+    let forward_s = log.lines().find(|l| l.starts_with("forward pass over")).and_then(seconds).context("scalpel printed no forward-pass time")?;
+    let analyzers_s: f64 = log.lines().filter(|l| l.starts_with("analyzer ") && l.contains(" done in ")).filter_map(seconds).sum();
+    let metrics_s = analyzers_s - forward_s;
 
     eprintln!("xtask: preparing the Python reference (tests/golden/setup_env.sh: torch 2.11 + transformers)");
     let mut setup = Command::new("bash");
     setup.arg(repo.join("tests/golden/setup_env.sh"));
     status(setup)?;
-    let python = python_env();
-    let started = std::time::Instant::now();
-    let mut reference = Command::new(&python);
-    reference.arg(repo.join("scripts/bench_reference.py")).arg(&model).arg(out.join("scalpel/calibration.safetensors"));
-    let reference_out = output(reference)?;
-    let reference_s = started.elapsed().as_secs_f64();
-    let r = json_line(&reference_out)?;
-
-    // Both sides must have computed the same numbers.
     let reports = json_value(&scalpel_out)?;
     let ours = |analyzer: &str, metric: &str| -> Vec<f64> {
-        reports[analyzer]["metrics"].as_array().into_iter().flatten().find(|m| m["name"] == metric)
-            .map(|m| m["per_layer"].as_array().unwrap().iter().filter_map(|v| v.as_f64()).collect()).unwrap_or_default()
+        let metric = reports[analyzer]["metrics"].as_array().into_iter().flatten().find(|m| m["name"] == metric);
+        metric.and_then(|m| m["per_head"].as_array()).into_iter().flatten().flat_map(|l| l.as_array().into_iter().flatten()).filter_map(|v| v.as_f64()).collect()
     };
-    let theirs = |key: &str| -> Vec<f64> { r[key].as_array().into_iter().flatten().filter_map(|v| v.as_f64()).collect() };
-    let same = |a: &[f64], b: &[f64]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
-    let agree = same(&ours("attn-rank", "max_rank"), &theirs("max_rank")) && same(&ours("attn-mass", "avg_mass"), &theirs("avg_mass"));
-
-    let mut kernel = Command::new(repo.join("target/release/bench-metrics"));
-    kernel.args(["--matrices", "27000"]);
-    let k = json_line(&output(kernel)?)?;
-
     let machine = machine();
-    let row = format!(
-        "| {} | {machine} | CPU | {scalpel_s:.1} | {reference_s:.1} (forward {:.1}, svdvals {:.1}) | **{:.1}x** | {} | {:.2} s vs {:.2} s (**{:.1}x**) |",
-        today(),
-        r["forward_s"].as_f64().unwrap_or(0.0),
-        r["metrics_s"].as_f64().unwrap_or(0.0),
-        reference_s / scalpel_s,
-        if agree { "yes" } else { "NO" },
-        k["rank_and_mass_s"].as_f64().unwrap_or(0.0),
-        k["batched_svd_s_estimated"].as_f64().unwrap_or(0.0),
-        k["ratio"].as_f64().unwrap_or(0.0),
-    );
-    let file = repo.join("BENCHMARKS.md");
-    // The new row goes under the table's last row, above the prose that follows the table.
-    let text = std::fs::read_to_string(&file).context("BENCHMARKS.md is missing")?;
-    let mut lines: Vec<&str> = text.lines().collect();
-    let after = lines.iter().rposition(|l| l.starts_with("| 20") || l.starts_with("|---")).context("BENCHMARKS.md has no results table")?;
-    lines.insert(after + 1, &row);
-    std::fs::write(&file, lines.join("\n") + "\n")?;
-    println!("{row}");
-    if !agree {
-        bail!("scalpel and the reference disagree on MaxRank/AvgMass: see {}", out.display());
+    let mut rows = Vec::new();
+    let mut disagree = Vec::new();
+    for (name, flag) in [("strong: batched f32 svdvals per layer", None), ("paper: f64 svdvals per matrix", Some("--loop"))] {
+        let started = std::time::Instant::now();
+        let mut reference = Command::new(python_env());
+        reference.arg(repo.join("scripts/bench_reference.py")).arg(&model).arg(out.join("scalpel/calibration.safetensors")).args(flag);
+        let r = json_line(&output(reference)?)?;
+        let reference_s = started.elapsed().as_secs_f64();
+        let theirs = |key: &str| -> Vec<f64> { r[key].as_array().into_iter().flatten().flat_map(|l| l.as_array().into_iter().flatten()).filter_map(|v| v.as_f64()).collect() };
+        let same = |a: &[f64], b: &[f64]| !a.is_empty() && a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-9);
+        let agree = same(&ours("attn-rank", "max_rank"), &theirs("rank_per_head")) && same(&ours("attn-mass", "avg_mass"), &theirs("mass_per_head"));
+        if !agree {
+            disagree.push(name);
+        }
+        let (their_forward, their_metrics) = (r["forward_s"].as_f64().unwrap_or(f64::NAN), r["metrics_s"].as_f64().unwrap_or(f64::NAN));
+        rows.push(format!(
+            "| {} | {machine} | {name} | {scalpel_s:.1} / {forward_s:.1} / {metrics_s:.2} | {reference_s:.1} / {their_forward:.1} / {their_metrics:.2} | **{:.2}x** | **{:.1}x** | {} |",
+            today(),
+            reference_s / scalpel_s,
+            their_metrics / metrics_s,
+            if agree { "yes" } else { "NO" },
+        ));
+    }
+    add_rows(repo, "<!-- analysis rows -->", &rows)?;
+    if !disagree.is_empty() {
+        bail!("scalpel and the reference ({}) disagree on per-head k* or m*: see {}", disagree.join(", "), out.display());
     }
     Ok(())
 }
@@ -286,14 +281,18 @@ fn bench_train(repo: &Path) -> Result<()> {
     let theirs = peer["wall_s"].as_f64().unwrap_or(0.0);
     let diff = (nll["mean_nll"].as_f64().unwrap_or(0.0) - peer["mean_nll"].as_f64().unwrap_or(0.0)).abs();
     rows.push(format!("| {} | {machine} | eval, SmolLM2, 8 × 512 tokens, f32 (wall, with load) | {ours:.1} s | {theirs:.1} s | **{:.2}x** | {diff:.1e} |", today(), theirs / ours));
+    add_rows(repo, "<!-- train rows -->", &rows)
+}
+
+/// Puts `rows` into BENCHMARKS.md above the `marker` line that ends their table, and prints them.
+fn add_rows(repo: &Path, marker: &str, rows: &[String]) -> Result<()> {
     let file = repo.join("BENCHMARKS.md");
     let text = std::fs::read_to_string(&file).context("BENCHMARKS.md is missing")?;
-    let marker = "<!-- train rows -->";
     if !text.contains(marker) {
-        bail!("BENCHMARKS.md has no `{marker}` line under its training table");
+        bail!("BENCHMARKS.md has no `{marker}` line under the table its rows go to");
     }
-    std::fs::write(&file, text.replace(marker, &format!("{}\n{marker}", rows.join("\n"))))?;
-    for r in &rows {
+    scalpel_files::write_file(&file, text.replace(marker, &format!("{}\n{marker}", rows.join("\n"))).as_bytes())?;
+    for r in rows {
         println!("{r}");
     }
     Ok(())
@@ -313,6 +312,17 @@ fn output(mut cmd: Command) -> Result<String> {
         bail!("{:?} failed ({})", cmd.get_program(), out.status);
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A program's standard output, and its standard error (passed on once it ends).
+fn output_and_log(mut cmd: Command) -> Result<(String, String)> {
+    let out = cmd.output().with_context(|| format!("could not start {cmd:?}"))?;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprint!("{log}");
+    if !out.status.success() {
+        bail!("{:?} failed ({})", cmd.get_program(), out.status);
+    }
+    Ok((String::from_utf8_lossy(&out.stdout).into_owned(), log))
 }
 
 /// The last line of a program's output that parses as JSON.

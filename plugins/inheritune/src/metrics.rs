@@ -20,26 +20,94 @@ fn slack(kind: Kind) -> f64 {
 /// (on the benchmark's attention, one already catches every k* = 1 matrix; none catches about 60 %).
 const POWER_STEPS: usize = 1;
 
-/// k* = smallest k with Σ_{i≤k} σᵢ² ≥ τ·Σσⱼ², computed in `kind` (`Double` or `Float`), as `Int64`.
+/// k* = smallest k with Σ_{i≤k} σᵢ² ≥ τ·Σσⱼ², as `Int64`. `Double`: the exact k* (as float64 arithmetic
+/// finds it), computed in float32 wherever float32's error bound decides it; `Float`: float32 alone, which
+/// may differ where the energy sits within about 1e-5 (relative) of the threshold.
 pub fn energy_rank(attn: &Tensor, tau: f64, kind: Kind) -> Result<Tensor> {
     let (batch, t) = matrix_shape(attn)?;
     let flat = attn.f_reshape([-1, t, t])?;
-    let k = on_all_cores(&flat, |a| rank_of_batch(&a.f_to_kind(kind)?, tau, kind))?;
+    let k = on_all_cores(&flat, |a| {
+        if kind == Kind::Double {
+            certified_rank(&a, tau)
+        } else {
+            rank_of_batch(&a.f_to_kind(kind)?, tau, kind)
+        }
+    })?;
     Ok(k.f_reshape(&batch)?)
 }
 
-/// k* of a `[B, T, T]` batch. σ₁² ≥ τ‖A‖²_F is exactly the case k* = 1, and the Rayleigh quotient of
-/// AAᵀ after a few power steps is a lower bound of σ₁²: matrices it already lifts over the threshold are
-/// k* = 1 for certain. Only the others pay for eigenvalues, those of the Gram matrix AAᵀ (σᵢ²), which
-/// libtorch computes faster than singular values (and `linalg_svd` needs a driver, which fails on the CPU).
-fn rank_of_batch(a: &Tensor, tau: f64, kind: Kind) -> Result<Tensor> {
+/// The exact k* of a `[B, T, T]` batch of non-negative matrices, from float32 where that is certain.
+///
+/// Float32 eigenvalues of the Gram matrix G = AAᵀ are each within δ = 2·T·ε₃₂·‖G‖₂ of G's: forming G from
+/// a non-negative A errs by at most γ_T·G entrywise (≤ T·ε₃₂/2·‖G‖₂ in norm), and LAPACK's symmetric
+/// eigensolvers are backward stable with an error of p(T)·ε₃₂·‖G‖₂ (LAPACK Users' Guide; p(T) = T here,
+/// generous against the guide's p = 1). So the sum of the top j is within j·δ of the true one (Lidskii).
+/// A float64 input rounded to float32 perturbs A entrywise by a relative ε₃₂, well within δ's generosity.
+/// Where the float32 k̂ clears the threshold by more than that on both sides (k̂ reaches it, k̂ − 1 does
+/// not), k* = k̂ for certain; the others, 1 to 3 % of real attention, are solved again in float64.
+fn certified_rank(input: &Tensor, tau: f64) -> Result<Tensor> {
+    let (b, t, _) = input.size3()?;
+    let a = input.f_to_kind(Kind::Float)?;
+    let threshold = a.f_square()?.f_sum_dim_intlist(&[1, 2][..], false, Kind::Double)? * (tau * (1.0 - slack(Kind::Double)));
+    // k* = 1 where one power step's Rayleigh quotient, a lower bound of σ₁², already reaches the threshold;
+    // everything in it is a sum of non-negative terms, so float32 errs by a relative γ's worth at most.
+    let quotient = power_quotient(&a, Kind::Float)?;
+    let rank1 = quotient.f_mul_scalar(1.0 - 4.0 * t as f64 * f64::from(f32::EPSILON))?.f_ge_tensor(&threshold)?;
+    let k = Tensor::f_ones([b], (Kind::Int64, a.device()))?;
+    let open = rank1.logical_not().nonzero().squeeze_dim(1);
+    if open.numel() == 0 {
+        return Ok(k);
+    }
+    let a = a.f_index_select(0, &open)?;
+    let threshold = threshold.f_index_select(0, &open)?;
+    let energy = gram_energy(&a)?.f_to_kind(Kind::Double)?;
+    let delta = energy.f_select(1, 0)? * (2.0 * t as f64 * f64::from(f32::EPSILON));
+    let guess = smallest_reaching(&energy, &threshold)?.clamp_max(t);
+    let (reached, before) = sums_at(&energy, &guess)?;
+    let sure = (reached - guess.to_kind(Kind::Double) * &delta)
+        .f_ge_tensor(&threshold)?
+        .logical_and(&(before + (&guess - 1).to_kind(Kind::Double) * &delta).f_lt_tensor(&threshold)?);
+    // The float64 answer for the input as given (not its float32 rounding).
+    let exact = |unsure: &Tensor| rank_of_batch(&input.f_index_select(0, &open.f_index_select(0, unsure)?)?.f_to_kind(Kind::Double)?, tau, Kind::Double);
+    let rank = redo_unsure(guess, &sure, exact)?;
+    Ok(k.f_index_copy(0, &open, &rank)?)
+}
+
+/// The sums of the first k and k − 1 entries of `energy` `[b, T]` (sorted descending), for `k` `[b]` in 1..=T.
+fn sums_at(energy: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
+    let cum = Tensor::f_cat(&[energy.f_zeros_like()?.narrow(1, 0, 1), energy.f_cumsum(1, Kind::Double)?], 1)?;
+    let at = |k: &Tensor| -> Result<Tensor> { Ok(cum.f_gather(1, &k.unsqueeze(1), false)?.squeeze_dim(1)) };
+    Ok((at(k)?, at(&(k - 1))?))
+}
+
+/// `guess`, with the entries where `sure` is false replaced by `exact` of their indices.
+fn redo_unsure(guess: Tensor, sure: &Tensor, exact: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let unsure = sure.logical_not().nonzero().squeeze_dim(1);
+    if unsure.numel() == 0 {
+        return Ok(guess);
+    }
+    Ok(guess.f_index_copy(0, &unsure, &exact(&unsure)?)?)
+}
+
+/// The eigenvalues σᵢ² of AAᵀ for a `[B, T, T]` batch, largest first.
+fn gram_energy(a: &Tensor) -> Result<Tensor> {
+    let gram = a.f_bmm(&a.f_transpose(1, 2)?)?;
+    if gram.device() == Device::Cpu {
+        energy_of(&gram)
+    } else {
+        // libtorch's batched eigensolvers are slower on a GPU than on the CPU for matrices this small
+        // (libtorch.md: 0.6 ms a matrix on an H200): the GPU makes the Gram matrices, the cores do the rest.
+        Ok(on_all_cores(&gram.f_to_device(Device::Cpu)?, |g| energy_of(&g))?.f_to_device(gram.device())?)
+    }
+}
+
+/// The Rayleigh quotient of AAᵀ after `POWER_STEPS` power steps from the all-ones vector, in `kind`,
+/// returned as float64: a lower bound of σ₁². AAᵀ is non-negative, so its top eigenvector is too (Perron)
+/// and overlaps the start. A zero matrix gives NaN, which fails every threshold test.
+fn power_quotient(a: &Tensor, kind: Kind) -> Result<Tensor> {
     let (b, t, _) = a.size3()?;
     let squared_norm =
         |x: &Tensor| -> Result<Tensor> { Ok(x.f_norm_scalaropt_dim_dtype(2, [1, 2], false, Kind::Double)?.square()) };
-    let threshold = squared_norm(a)? * (tau * (1.0 - slack(kind)));
-
-    // Power steps from the all-ones vector: AAᵀ is non-negative, so its top eigenvector is too (Perron)
-    // and overlaps it. A NaN quotient (a zero matrix) fails the test and takes the exact path.
     let at = a.f_transpose(1, 2)?;
     let mut v = Tensor::f_ones([b, t, 1], (kind, a.device()))?;
     for _ in 0..POWER_STEPS {
@@ -47,22 +115,23 @@ fn rank_of_batch(a: &Tensor, tau: f64, kind: Kind) -> Result<Tensor> {
         v = &w / w.f_norm_scalaropt_dim(2, [1, 2], true)?;
     }
     // vᵀAAᵀv / vᵀv ≤ σ₁² for any v.
-    let quotient = squared_norm(&at.f_bmm(&v)?)? / squared_norm(&v)?;
+    Ok(squared_norm(&at.f_bmm(&v)?)? / squared_norm(&v)?)
+}
 
+/// k* of a `[B, T, T]` batch in `kind`. σ₁² ≥ τ‖A‖²_F is exactly the case k* = 1, and the power quotient
+/// is a lower bound of σ₁²: matrices it already lifts over the threshold are k* = 1 for certain. Only the
+/// others pay for eigenvalues, those of the Gram matrix AAᵀ (σᵢ²), which libtorch computes faster than
+/// singular values (and `linalg_svd` needs a driver, which fails on the CPU).
+fn rank_of_batch(a: &Tensor, tau: f64, kind: Kind) -> Result<Tensor> {
+    let b = a.size()[0];
+    let threshold = a.f_norm_scalaropt_dim_dtype(2, [1, 2], false, Kind::Double)?.square() * (tau * (1.0 - slack(kind)));
+    let quotient = power_quotient(a, kind)?;
     let k = Tensor::f_ones([b], (Kind::Int64, a.device()))?;
     let open = quotient.f_ge_tensor(&threshold)?.logical_not().nonzero().squeeze_dim(1);
     if open.numel() == 0 {
         return Ok(k);
     }
-    let a = a.f_index_select(0, &open)?;
-    let gram = a.f_bmm(&a.f_transpose(1, 2)?)?;
-    let energy = if gram.device() == Device::Cpu {
-        energy_of(&gram)?
-    } else {
-        // libtorch's batched eigensolvers are slower on a GPU than on the CPU for matrices this small
-        // (libtorch.md: 0.6 ms a matrix on an H200): the GPU makes the Gram matrices, the cores do the rest.
-        on_all_cores(&gram.f_to_device(Device::Cpu)?, |g| energy_of(&g))?.f_to_device(gram.device())?
-    };
+    let energy = gram_energy(&a.f_index_select(0, &open)?)?;
     Ok(k.f_index_copy(0, &open, &smallest_reaching(&energy, &threshold.index_select(0, &open))?)?)
 }
 
@@ -72,13 +141,27 @@ fn energy_of(gram: &Tensor) -> Result<Tensor> {
     Ok(gram.f_linalg_eigvalsh("L")?.flip([1]).clamp_min(0.0))
 }
 
-/// m* = fewest columns whose energies ‖A·ⱼ‖², largest first, reach η·‖A‖²_F; computed in f64, as `Int64`.
+/// m* = fewest columns whose energies ‖A·ⱼ‖², largest first, reach η·‖A‖²_F, exactly (as float64 finds
+/// it), as `Int64`. The energies are sums of non-negative squares, so float32 computes each of them, their
+/// partial sums and the total within a relative γ_T ≤ T·ε₃₂ (float64 input, rounded to float32 first,
+/// adds 2·ε₃₂ relative at most); where m̂ clears the threshold by more than
+/// that on both sides it is certain, and the others (under 1 % of real attention) are summed again in f64.
 pub fn mass(attn: &Tensor, eta: f64) -> Result<Tensor> {
     let (batch, t) = matrix_shape(attn)?;
     let m = on_all_cores(&attn.f_reshape([-1, t, t])?, |a| {
-        let energy = a.f_norm_scalaropt_dim_dtype(2, [1], false, Kind::Double)?.square();
-        let threshold = energy.sum_dim_intlist(-1, false, None) * (eta * (1.0 - slack(Kind::Double)));
-        smallest_reaching(&energy.sort(-1, true).0, &threshold)
+        let threshold_of = |energy: &Tensor| energy.sum_dim_intlist(-1, false, None) * (eta * (1.0 - slack(Kind::Double)));
+        let exact = |a: &Tensor| -> Result<Tensor> {
+            let energy = a.f_norm_scalaropt_dim_dtype(2, [1], false, Kind::Double)?.square();
+            smallest_reaching(&energy.sort(-1, true).0, &threshold_of(&energy))
+        };
+        let energy = a.f_to_kind(Kind::Float)?.f_square()?.f_sum_dim_intlist(&[1][..], false, Kind::Float)?.f_to_kind(Kind::Double)?;
+        let energy = energy.sort(-1, true).0;
+        let threshold = threshold_of(&energy);
+        let guess = smallest_reaching(&energy, &threshold)?.clamp_max(t);
+        let (reached, before) = sums_at(&energy, &guess)?;
+        let margin = 3.0 * t as f64 * f64::from(f32::EPSILON);
+        let sure = reached.f_ge_tensor(&(&threshold * (1.0 + margin)))?.logical_and(&before.f_lt_tensor(&(&threshold * (1.0 - margin)))?);
+        redo_unsure(guess, &sure, |unsure| exact(&a.f_index_select(0, unsure)?))
     })?;
     Ok(m.f_reshape(&batch)?)
 }
@@ -308,6 +391,11 @@ pub(crate) mod tests {
             assert_eq!(ints(&k), reference_rank(&batch, tau), "tau = {tau}");
             assert!(ints(&k).iter().filter(|&&k| k == 1).count() > 50, "the test must exercise the early exit");
             assert_eq!(ints(&mass(&batch, tau).unwrap()), reference_mass(&batch, tau), "eta = {tau}");
+            // Float32 attention, as the model hands it out: the exact answer for those very values.
+            let single = batch.to_kind(Kind::Float);
+            let widened = single.to_kind(Kind::Double);
+            assert_eq!(ints(&energy_rank(&single, tau, Kind::Double).unwrap()), reference_rank(&widened, tau), "f32 in, tau = {tau}");
+            assert_eq!(ints(&mass(&single, tau).unwrap()), reference_mass(&widened, tau), "f32 in, eta = {tau}");
         }
     }
 
