@@ -69,13 +69,16 @@ impl Windows {
 /// Token ids from a `.npy` or `.safetensors` file: an int64 `[N, T]` tensor with N, T > 0.
 /// Every length is checked against the bytes present before libtorch sees any of them.
 pub fn read_token_ids(path: &Path) -> Result<Tensor> {
+    token_ids_from_bytes(&scalpel_files::read_regular(path)?, path)
+}
+
+/// [`read_token_ids`] on bytes already read; `path` names them in messages, and its extension picks the format.
+pub fn token_ids_from_bytes(bytes: &[u8], path: &Path) -> Result<Tensor> {
     let ids = if path.extension().is_some_and(|e| e == "npy") {
-        let bytes = scalpel_files::read_regular(path)?;
-        let (shape, values) = npy::parse(&bytes).with_context(|| format!("{} is not a usable .npy file", path.display()))?;
+        let (shape, values) = npy::parse(bytes).with_context(|| format!("{} is not a usable .npy file", path.display()))?;
         Tensor::from_slice(&values).reshape(shape.iter().map(|&d| d as i64).collect::<Vec<_>>())
     } else {
-        let bytes = scalpel_files::read_regular(path)?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
+        let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
         let names = st.names();
         let name = match names.as_slice() {
