@@ -223,6 +223,19 @@ fn a_fifo_named_like_a_model_file_does_not_hang() {
 }
 
 #[test]
+fn a_fifo_named_like_a_plugin_is_skipped_with_a_warning_not_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("libscalpel_plugin_fifo.so");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    // On the plugin path (a folder) and named explicitly (`--plugins FILE`): a warning each time, never a hang.
+    for how in [dir.path(), fifo.as_path()] {
+        let r = run_within(scalpel().arg("--plugins").arg(how).arg("plugins"), Duration::from_secs(30)).success();
+        assert!(r.stderr.contains("plugin skipped") && r.stderr.contains("not a regular file (a FIFO)"), "{}", r.stderr);
+        assert!(r.stdout.contains("attn-rank"), "the built-in plugins still load: {}", r.stdout);
+    }
+}
+
+#[test]
 fn a_shard_index_cannot_name_files_outside_the_model_folder() {
     let dir = tempfile::tempdir().unwrap();
     let m = edited_copy(dir.path(), "tiny-llama", |_| {});
