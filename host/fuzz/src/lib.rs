@@ -46,6 +46,6 @@ pub fn forward(model: &Transformer, ckpt: &Checkpoint, what: &str) {
     let logits = model.forward(&ids).unwrap_or_else(|e| panic!("{what}: loaded, but the forward pass fails: {e:#}"));
     assert_eq!(logits.size(), [1, t as i64, ckpt.dims.vocab as i64], "{what}: logits of the wrong shape");
     let h = model.embed(&ids).unwrap_or_else(|e| panic!("{what}: loaded, but the embedding fails: {e:#}"));
-    model.attention(0, &h).unwrap_or_else(|e| panic!("{what}: loaded, but block 0's attention fails: {e:#}"));
-    model.block(0, &h).unwrap_or_else(|e| panic!("{what}: loaded, but block 0 (explicit attention) fails: {e:#}"));
+    let _ = model.attention(0, &h).unwrap_or_else(|e| panic!("{what}: loaded, but block 0's attention fails: {e:#}"));
+    let _ = model.block(0, &h).unwrap_or_else(|e| panic!("{what}: loaded, but block 0 (explicit attention) fails: {e:#}"));
 }
