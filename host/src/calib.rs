@@ -131,6 +131,8 @@ mod npy {
         let descr = dict.string("descr")?;
         ensure!(!dict.boolean("fortran_order")?, "it is stored in Fortran order; save it with numpy.ascontiguousarray");
         let shape = dict.shape()?;
+        // The split below is by bytes: a non-ASCII descr would cut a character (found by fuzzing).
+        ensure!(descr.is_ascii(), "unknown dtype `{descr}`");
         let (order, kind, size) = (&descr[..descr.len().min(1)], &descr[descr.len().min(1)..descr.len().min(2)], &descr[descr.len().min(2)..]);
         let size: usize = size.parse().ok().with_context(|| format!("unknown dtype `{descr}`"))?;
         ensure!(
@@ -284,6 +286,8 @@ mod npy {
             assert!(parse(&npy("<u8", false, "(1, 1)", &u64::MAX.to_le_bytes())).unwrap_err().to_string().contains("64-bit"));
             assert!(parse(b"\x93NUMPY\x01\x00\xff\xff{").unwrap_err().to_string().contains("truncated"));
             assert!(parse(b"PK\x03\x04 not npy").unwrap_err().to_string().contains("magic"));
+            // host/fuzz/regressions/npy: a dtype whose first character is not ASCII panicked on a byte slice.
+            assert!(parse(&npy("\u{216}8", false, "(1, 2)", &d)).unwrap_err().to_string().contains("unknown dtype"));
         }
     }
 }

@@ -404,6 +404,20 @@ fn write_gguf_model(path: &Path, kv: &[(&str, Meta)], tensors: &[(String, Vec<u6
     write_gguf(path, 3, kv, &t);
 }
 
+/// Found by fuzzing (host/fuzz/regressions/gguf/crash-d950…): `import` wrote a tokenizer.json whose merges
+/// name a token outside the vocabulary, which scalpel then could not read.
+#[test]
+fn a_gguf_tokenizer_that_would_not_load_is_refused_by_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, out) = (dir.path().join("m.gguf"), dir.path().join("out"));
+    let (mut kv, t) = gguf_llama(1, 32, 64);
+    kv.iter_mut().find(|(k, _)| *k == "tokenizer.ggml.merges").unwrap().1 = Meta::Strs(vec!["t1 02".into()]);
+    write_gguf_model(&file, &kv, &t);
+    let e = clean_failure(scalpel().arg("import").arg(&file).arg(&out));
+    assert!(e.contains("its tokenizer cannot be converted") && e.contains("02"), "{e}");
+    assert!(!out.exists());
+}
+
 #[test]
 fn a_gguf_that_describes_no_usable_model_is_not_imported() {
     let dir = tempfile::tempdir().unwrap();
