@@ -69,13 +69,16 @@ impl Windows {
 /// Token ids from a `.npy` or `.safetensors` file: an int64 `[N, T]` tensor with N, T > 0.
 /// Every length is checked against the bytes present before libtorch sees any of them.
 pub fn read_token_ids(path: &Path) -> Result<Tensor> {
+    token_ids_from_bytes(&scalpel_files::read_regular(path)?, path)
+}
+
+/// [`read_token_ids`] on bytes already read; `path` names them in messages, and its extension picks the format.
+pub fn token_ids_from_bytes(bytes: &[u8], path: &Path) -> Result<Tensor> {
     let ids = if path.extension().is_some_and(|e| e == "npy") {
-        let bytes = scalpel_files::read_regular(path)?;
-        let (shape, values) = npy::parse(&bytes).with_context(|| format!("{} is not a usable .npy file", path.display()))?;
+        let (shape, values) = npy::parse(bytes).with_context(|| format!("{} is not a usable .npy file", path.display()))?;
         Tensor::from_slice(&values).reshape(shape.iter().map(|&d| d as i64).collect::<Vec<_>>())
     } else {
-        let bytes = scalpel_files::read_regular(path)?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
+        let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
         let names = st.names();
         let name = match names.as_slice() {
@@ -128,6 +131,8 @@ mod npy {
         let descr = dict.string("descr")?;
         ensure!(!dict.boolean("fortran_order")?, "it is stored in Fortran order; save it with numpy.ascontiguousarray");
         let shape = dict.shape()?;
+        // The split below is by bytes: a non-ASCII descr would cut a character (found by fuzzing).
+        ensure!(descr.is_ascii(), "unknown dtype `{descr}`");
         let (order, kind, size) = (&descr[..descr.len().min(1)], &descr[descr.len().min(1)..descr.len().min(2)], &descr[descr.len().min(2)..]);
         let size: usize = size.parse().ok().with_context(|| format!("unknown dtype `{descr}`"))?;
         ensure!(
@@ -281,6 +286,8 @@ mod npy {
             assert!(parse(&npy("<u8", false, "(1, 1)", &u64::MAX.to_le_bytes())).unwrap_err().to_string().contains("64-bit"));
             assert!(parse(b"\x93NUMPY\x01\x00\xff\xff{").unwrap_err().to_string().contains("truncated"));
             assert!(parse(b"PK\x03\x04 not npy").unwrap_err().to_string().contains("magic"));
+            // host/fuzz/regressions/npy: a dtype whose first character is not ASCII panicked on a byte slice.
+            assert!(parse(&npy("\u{216}8", false, "(1, 2)", &d)).unwrap_err().to_string().contains("unknown dtype"));
         }
     }
 }

@@ -23,6 +23,9 @@ pub fn import(path: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<()> 
     config["torch_dtype"] = json!(torch_dtype_name(dtype));
     config["dtype"] = json!(torch_dtype_name(dtype));
     let (tokenizer, tokenizer_config, warnings) = file.hf_tokenizer()?;
+    // What is written must load: a merge naming a token outside the vocabulary is refused here (found by fuzzing).
+    let tokenizer = serde_json::to_vec_pretty(&tokenizer)?;
+    tokenizers::Tokenizer::from_bytes(&tokenizer).map_err(|e| anyhow::anyhow!("{}: its tokenizer cannot be converted: {e}", path.display()))?;
     for w in &warnings {
         eprintln!("warning: {w}");
     }
@@ -37,7 +40,7 @@ pub fn import(path: &Path, out: &Path, dtype: Dtype, force: bool) -> Result<()> 
         config: &config,
         companions_from: None,
         extra_files: vec![
-            ("tokenizer.json".into(), serde_json::to_vec_pretty(&tokenizer)?),
+            ("tokenizer.json".into(), tokenizer),
             ("tokenizer_config.json".into(), serde_json::to_vec_pretty(&tokenizer_config)?),
         ],
         record: &record,

@@ -1,30 +1,11 @@
 //! `scalpel`: the host program. It loads analyzers and strategies as plugins and applies them to
 //! models, and trains what surgery makes. `cli` turns arguments into a `Job`; `run` below is the one
-//! place that dispatches it.
-
-mod calib;
-mod cli;
-mod compare;
-mod cuda;
-mod data;
-mod gguf;
-mod import;
-mod inheritune;
-mod inspect;
-mod model;
-mod newplugin;
-mod pipeline;
-mod plots;
-mod plugins;
-mod present;
-mod recipe;
-mod session;
-mod surgery;
-mod train;
+//! place that dispatches it. The modules live in the library (`lib.rs`), so fuzz targets reach the parsers.
 
 use anyhow::Result;
-use cli::{Job, Task};
-use model::Checkpoint;
+use scalpel::cli::{self, Job, Task};
+use scalpel::model::{self, Checkpoint};
+use scalpel::{compare, cuda, data, import, inheritune, inspect, newplugin, pipeline, plugins, present, recipe, train};
 
 fn main() {
     // Before anything touches libtorch's dispatcher, so that `--device cuda` can work.

@@ -60,7 +60,8 @@ impl Registry {
         let mut seen = Vec::new();
         for dir in dirs {
             // A library named explicitly (`--plugins FILE`) loads whatever its name: that is how examples load.
-            let files = if dir.is_file() { vec![dir.clone()] } else { plugin_files(dir) };
+            // Anything there that is not a folder counts as named, so a FIFO or device is reported, not skipped.
+            let files = if dir.is_dir() { plugin_files(dir) } else if dir.exists() { vec![dir.clone()] } else { vec![] };
             for path in files {
                 let canonical = path.canonicalize().unwrap_or_else(|_| path.clone());
                 if seen.contains(&canonical) {
@@ -168,6 +169,8 @@ fn plugin_files(dir: &Path) -> Vec<PathBuf> {
 
 /// Loads one plugin library and checks that it was built for this host.
 pub fn load_plugin(path: &Path) -> Result<Plugin> {
+    // dlopen of a FIFO blocks until a writer comes, and of a device reads it: only regular files are opened.
+    scalpel_files::open_regular(path)?;
     ensure_root_module_symbol(path)?;
     let header = abi::lib_header_from_path(path).map_err(|e| explain(path, e))?;
     let module = header.init_root_module::<PluginRef>().map_err(|e| explain(path, e))?;

