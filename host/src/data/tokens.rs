@@ -272,7 +272,9 @@ impl Tokens {
             Store::Rows(t) => {
                 let (n, width) = (t.size()[0], t.size()[1] as usize);
                 ensure!(seq <= width, "the token rows are {width} tokens long, shorter than windows of {seq}: use windows of {width} tokens or less (train --seq, eval --tokens)");
-                Ok(t.narrow(0, 0, n.min(max as i64)).narrow(1, 0, seq as i64).contiguous())
+                // In usize: `max` may be usize::MAX ("all"), which is -1 as an i64.
+                let keep = (n as usize).min(max) as i64;
+                Ok(t.narrow(0, 0, keep).narrow(1, 0, seq as i64).contiguous())
             }
         }
     }
@@ -429,6 +431,14 @@ mod tests {
         assert_eq!(TokenDtype::for_vocab(50257), TokenDtype::Uint16);
         assert_eq!(TokenDtype::for_vocab(65536), TokenDtype::Uint16);
         assert_eq!(TokenDtype::for_vocab(65537), TokenDtype::Uint32);
+    }
+
+    #[test]
+    fn all_windows_of_token_rows_is_every_row() {
+        // `eval --windows 0` asks for all of them (usize::MAX): once a panic in libtorch's narrow.
+        let t = Tokens::from_rows(Tensor::arange(12, (Kind::Int64, tch::Device::Cpu)).reshape([3, 4])).unwrap();
+        assert_eq!(ids(&t.windows(2, usize::MAX).unwrap()), vec![vec![0, 1], vec![4, 5], vec![8, 9]]);
+        assert_eq!(ids(&t.windows(4, 2).unwrap()).len(), 2);
     }
 
     #[test]
