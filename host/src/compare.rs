@@ -12,7 +12,7 @@ use crate::inspect::{eval_windows, mean_nll, EvalData};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::write::{stage, write_model, Folder, DEFAULT_SHARD_BYTES};
 use crate::model::{Checkpoint, Transformer};
-use crate::pipeline::{self, merged_profile};
+use crate::pipeline;
 use crate::plugins::Registry;
 use crate::recipe::{Calibration, Recipe, Regime, Step, StepKind, RUN_RECORD};
 use crate::session::Session;
@@ -130,11 +130,8 @@ pub fn run(c: &Compare, registry: &Registry, progress: &dyn Fn(&str)) -> Result<
             Windows { ids, source: format!("the first {n} evaluation windows, their first {t} tokens") }
         }
     };
+    pipeline::check_output_outside(&c.output, &c.model)?;
     let input = std::path::absolute(&c.model)?;
-    let out = std::path::absolute(&c.output)?;
-    if input.starts_with(&out) {
-        bail!("the output {} holds the input model {}: choose an output outside it", out.display(), input.display());
-    }
     // Last, so that nothing is created when a check above fails.
     let staging = stage(&c.output, c.force, RUN_RECORD)?;
     let dir = staging.path().to_path_buf();
@@ -375,13 +372,8 @@ fn definitions() -> BTreeMap<&'static str, &'static str> {
 fn write_report(c: &Comparison, reports: &Reports, ckpt: &Checkpoint, dir: &Path) -> Result<()> {
     let name = pipeline::model_name(&ckpt.dir);
     let mut figures = Vec::new();
-    let all: Vec<scalpel_sdk::Report> = reports.0.values().cloned().collect();
-    let (merged, metrics, title) = merged_profile(&all, &name);
-    if !metrics.is_empty() {
-        let removals: Vec<plots::Removal> =
-            c.methods.iter().map(|m| plots::Removal { label: m.label.clone(), layers: m.removed.clone() }).collect();
-        let metrics: Vec<&str> = metrics.iter().map(String::as_str).collect();
-        plots::layer_profile(std::slice::from_ref(&merged), &metrics, &removals, &format!("{name}: {title}, and the layers each method removes"), dir, "profile")?;
+    let removals: Vec<plots::Removal> = c.methods.iter().map(|m| plots::Removal { label: m.label.clone(), layers: m.removed.clone() }).collect();
+    if pipeline::write_profile(reports, &name, &removals, ", and the layers each method removes", dir)? {
         figures.push(("profile", "Layer profiles of every analyzer on the input model; the markers under the curves show the layers each method removes."));
     }
     let curves: Vec<plots::Curve> = c

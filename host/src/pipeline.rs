@@ -129,11 +129,8 @@ pub fn prepare<'r>(recipe: &'r Recipe, opts: &Options) -> Result<Prepared<'r>> {
         // Surgery keeps the vocabulary and the context, so the input tells whether training can run.
         train::check_against(&train_run(recipe, recipe.model.clone(), recipe.output.clone(), config)?, &ckpt)?;
     }
-    if let (Some(out), Ok(input)) = (&recipe.output, model_dir.canonicalize()) {
-        let out = std::path::absolute(out)?;
-        if input.starts_with(&out) || out.canonicalize().is_ok_and(|o| input.starts_with(o)) {
-            bail!("the output {} holds the input model {}: choose an output outside it", out.display(), input.display());
-        }
+    if let Some(out) = &recipe.output {
+        check_output_outside(out, model_dir)?;
     }
     // Strategies may need analyzers run for them (their `needs`), so any item step may use the windows.
     let needs_calibration = recipe.steps.iter().any(|s| s.train.is_none());
@@ -163,6 +160,16 @@ pub fn prepare<'r>(recipe: &'r Recipe, opts: &Options) -> Result<Prepared<'r>> {
         _ => None,
     };
     Ok(Prepared { recipe, ckpt, device, dtype, windows, reports, staging })
+}
+
+/// Refuses an output folder that holds the input model (replacing it would destroy the input), through symlinks too.
+pub fn check_output_outside(out: &Path, model_dir: &Path) -> Result<()> {
+    let Ok(input) = model_dir.canonicalize() else { return Ok(()) };
+    let out = std::path::absolute(out)?;
+    if input.starts_with(&out) || out.canonicalize().is_ok_and(|o| input.starts_with(o)) {
+        bail!("the output {} holds the input model {}: choose an output outside it", out.display(), input.display());
+    }
+    Ok(())
 }
 
 /// Every item exists, at most one train step comes last: checked before any work.
@@ -292,34 +299,40 @@ pub fn model_name(dir: &Path) -> String {
     dir.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
 }
 
-/// The one profile figure of a set of reports: each report's presentation names its profile metrics,
-/// its title and the layers it flags; a report without one contributes its first metric.
-pub fn merged_profile(reports: &[Report], label: &str) -> (Report, Vec<String>, String) {
+/// The one profile figure of a set of reports, `profile.{svg,png,csv}` in `out`: each report's presentation
+/// names its profile metrics, its title and the layers it flags; a report without one contributes its first
+/// metric. The title is `{label}: {the reports' titles}{suffix}`. False when no report has a metric to draw.
+pub fn write_profile(reports: &Reports, label: &str, removals: &[plots::Removal], suffix: &str, out: &Path) -> Result<bool> {
     let mut metrics = Vec::new();
-    let mut titles: Vec<String> = Vec::new();
+    let mut titles: Vec<&str> = Vec::new();
     let mut mark = None;
-    for r in reports {
+    for r in reports.0.values() {
         match &r.present {
             Some(p) => {
-                metrics.extend(p.profile.iter().filter(|m| r.get(m).is_ok()).cloned());
-                if !titles.contains(&p.title) {
-                    titles.push(p.title.clone());
+                metrics.extend(p.profile.iter().filter(|m| r.get(m).is_ok()).map(String::as_str));
+                if !titles.contains(&p.title.as_str()) {
+                    titles.push(&p.title);
                 }
                 mark = mark.or_else(|| p.mark.clone());
             }
-            None => metrics.extend(r.metrics.first().map(|m| m.name.clone())),
+            None => metrics.extend(r.metrics.first().map(|m| m.name.as_str())),
         }
     }
+    if metrics.is_empty() {
+        return Ok(false);
+    }
     let title = if titles.is_empty() { "layer profile".to_string() } else { titles.join(", ") };
-    let present = scalpel_sdk::Presentation { title: title.clone(), profile: metrics.clone(), mark, attention_maps_by: None };
+    // One model: every analyzer's metrics on the same axes, labelled with the model's name.
+    let present = scalpel_sdk::Presentation { title: title.clone(), profile: vec![], mark, attention_maps_by: None };
     let merged = Report {
         analyzer: label.to_string(),
-        metrics: reports.iter().flat_map(|r| r.metrics.clone()).collect(),
+        metrics: reports.0.values().flat_map(|r| r.metrics.clone()).collect(),
         notes: vec![],
         extra: json!({ "label": label }),
         present: Some(present),
     };
-    (merged, metrics, title)
+    plots::layer_profile(&[merged], &metrics, removals, &format!("{label}: {title}{suffix}"), out, "profile")?;
+    Ok(true)
 }
 
 /// The input layers a plan leaves out, as a figure marks them.
@@ -330,15 +343,10 @@ pub fn removal(label: &str, plan: &Plan, layers: usize) -> plots::Removal {
 
 /// Figures of what the analyzers found, with the CSV behind each.
 fn write_figures(reports: &Reports, session: &Session, plan: Option<&Plan>, model: &str, out: &Path, maps: &[(usize, usize)]) -> Result<()> {
-    let all: Vec<Report> = reports.0.values().cloned().collect();
-    // One model: every analyzer's profile metrics on the same axes, labelled with the model's name.
-    let (merged, chosen, title) = merged_profile(&all, model);
     let info = session.info();
     let removals: Vec<plots::Removal> = plan.map(|p| removal("the plan", p, info.layers)).into_iter().collect();
-    if !chosen.is_empty() {
-        let chosen: Vec<&str> = chosen.iter().map(String::as_str).collect();
-        plots::layer_profile(std::slice::from_ref(&merged), &chosen, &removals, &format!("{model}: {title}"), out, "profile")?;
-    }
+    write_profile(reports, model, &removals, "", out)?;
+    let all: Vec<&Report> = reports.0.values().collect();
     for r in &all {
         for m in r.metrics.iter().filter(|m| m.per_head.is_some()) {
             let stem = format!("heads-{}", m.name.replace('_', "-"));
