@@ -33,7 +33,7 @@ impl Tokenizer {
     /// Token ids of `text`, without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         Ok(match self {
-            Tokenizer::Hf(t) => t.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().iter().map(|&i| i as i64).collect(),
+            Tokenizer::Hf(t) => t.encode_fast(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().iter().map(|&i| i as i64).collect(),
             Tokenizer::Gpt2(t) => t.encode_ordinary(text).into_iter().map(|i| i as i64).collect(),
         })
     }
