@@ -76,7 +76,13 @@ pub fn read_token_ids(path: &Path) -> Result<Tensor> {
 pub fn token_ids_from_bytes(bytes: &[u8], path: &Path) -> Result<Tensor> {
     let ids = if path.extension().is_some_and(|e| e == "npy") {
         let (shape, values) = npy::parse(bytes).with_context(|| format!("{} is not a usable .npy file", path.display()))?;
-        Tensor::from_slice(&values).reshape(shape.iter().map(|&d| d as i64).collect::<Vec<_>>())
+        // Checked before libtorch sees the shape: it refuses (with a panic in tch) dims whose product
+        // overflows even when another dim is 0, as in (9992, 99999999999993, 0, 914086625) (found by fuzzing).
+        if shape.len() != 2 {
+            bail!("{} must hold token ids of shape [N, T]; it holds shape {shape:?}", path.display());
+        }
+        let shape: Vec<i64> = shape.iter().map(|&d| i64::try_from(d)).collect::<Result<_, _>>().context("its shape overflows")?;
+        Tensor::from_slice(&values).f_reshape(shape)?
     } else {
         let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
@@ -288,6 +294,16 @@ mod npy {
             assert!(parse(b"PK\x03\x04 not npy").unwrap_err().to_string().contains("magic"));
             // host/fuzz/regressions/npy: a dtype whose first character is not ASCII panicked on a byte slice.
             assert!(parse(&npy("\u{216}8", false, "(1, 2)", &d)).unwrap_err().to_string().contains("unknown dtype"));
+        }
+
+        #[test]
+        fn empty_arrays_with_huge_dims_are_refused_without_a_panic() {
+            // host/fuzz/regressions/npy: zero elements, but dims whose product overflows; libtorch's reshape panicked.
+            let bytes = npy("<i8", false, "(9992, 99999999999993, 0, 914086625, 0, 2)", &[]);
+            let e = super::super::token_ids_from_bytes(&bytes, std::path::Path::new("ids.npy")).unwrap_err().to_string();
+            assert!(e.contains("shape [N, T]"), "{e}");
+            let e = super::super::token_ids_from_bytes(&npy("<i8", false, "(0, 99999999999993)", &[]), std::path::Path::new("ids.npy")).unwrap_err().to_string();
+            assert!(e.contains("empty"), "{e}");
         }
     }
 }
