@@ -180,6 +180,23 @@ fn settings_the_model_cannot_train_are_refused_before_anything_is_written() {
     assert!(v["error"].as_str().unwrap().contains("--seq 200"), "{v}");
     let r = run(scalpel1().arg("generate").arg(tiny("tiny-llama")).args(["--prompt", "x", "--top-p", "0"])).failure();
     assert!(r.stderr.contains("--top-p"), "{}", r.stderr);
+    // Data shorter than one window, as training or validation data: once found only at the first step, after
+    // the run folder was made, which the next run then refused without --force.
+    let short = dir.path().join("short.bin");
+    let mut bytes: Vec<u8> = [20240520i32, 1, 3].into_iter().chain([0; 253]).flat_map(i32::to_le_bytes).collect();
+    bytes.extend([1u8, 0, 2, 0, 3, 0]);
+    std::fs::write(&short, bytes).unwrap();
+    for (data, val, split) in [(&short, &batches, "training"), (&batches, &short, "validation")] {
+        let r = run(scalpel1().arg("train").arg(tiny("tiny-llama")).arg("--data").arg(data).arg("--val").arg(val).arg("-o").arg(&out).args(["--seq", "16"])).failure();
+        assert!(r.stderr.contains(&format!("the {split} data")) && r.stderr.contains("fewer than one window of 16"), "{}", r.stderr);
+        assert!(!out.exists(), "nothing written");
+    }
+    // An absurd batch: once an abort on allocating its buffer, or an overflowing token count.
+    for (batch, accum, says) in [("100000000000", "1", "for its logits alone"), ("18446744073709551615", "1", "more than can be counted"), ("4", "9223372036854775807", "more than can be counted")] {
+        let r = run(scalpel1().arg("train").arg(tiny("tiny-llama")).arg("--data").arg(&batches).arg("-o").arg(&out).args(["--seq", "16", "--batch", batch, "--grad-accum", accum])).failure();
+        assert!(r.stderr.contains(says) && !r.stderr.contains("panicked"), "{}", r.stderr);
+        assert!(!out.exists(), "nothing written");
+    }
 }
 
 #[test]

@@ -210,7 +210,7 @@ impl Tokens {
         let first = step.checked_mul(batch as u64).context("step * batch overflows")?;
         match &self.store {
             Store::Stream(s) => {
-                ensure!(s.len >= seq, "the token file holds {} tokens, fewer than one window of {seq}: use shorter windows (train --seq, eval --tokens) or more text", s.len);
+                self.fits(seq)?;
                 if shuffle {
                     let mut rng = ChaCha8Rng::seed_from_u64(seed);
                     rng.set_stream(step);
@@ -222,8 +222,8 @@ impl Tokens {
                 }
             }
             Store::Rows(t) => {
-                let (n, width) = (t.size()[0] as u64, t.size()[1] as usize);
-                ensure!(seq <= width, "the token rows are {width} tokens long, shorter than windows of {seq}: use windows of {width} tokens or less (train --seq, eval --tokens)");
+                self.fits(seq)?;
+                let n = t.size()[0] as u64;
                 let mut cache = self.permutation.lock().unwrap();
                 let mut rows = Vec::with_capacity(batch);
                 for g in first..first + batch as u64 {
@@ -240,6 +240,18 @@ impl Tokens {
                 Ok(rows)
             }
         }
+    }
+
+    /// Refuses windows of `seq` tokens that this data cannot give even once.
+    pub fn fits(&self, seq: usize) -> Result<()> {
+        match &self.store {
+            Store::Stream(s) => ensure!(s.len >= seq, "the token file holds {} tokens, fewer than one window of {seq}: use shorter windows (train --seq, eval --tokens) or more text", s.len),
+            Store::Rows(t) => {
+                let width = t.size()[1] as usize;
+                ensure!(seq <= width, "the token rows are {width} tokens long, shorter than windows of {seq}: use windows of {width} tokens or less (train --seq, eval --tokens)");
+            }
+        }
+        Ok(())
     }
 
     /// A token file (windows are cut from a stream), rather than tensor rows.
@@ -261,8 +273,8 @@ impl Tokens {
         ensure!(seq > 0 && max > 0, "validation needs at least one window of one token (got seq {seq}, max {max})");
         match &self.store {
             Store::Stream(s) => {
+                self.fits(seq)?;
                 let n = (s.len / seq).min(max);
-                ensure!(n > 0, "the token file holds {} tokens, fewer than one window of {seq}: use shorter windows (train --seq, eval --tokens) or more text", s.len);
                 let mut out = Vec::with_capacity(n * seq);
                 for w in 0..n {
                     s.push_window(w * seq, seq, &mut out);
@@ -270,8 +282,8 @@ impl Tokens {
                 Ok(Tensor::from_slice(&out).reshape([n as i64, seq as i64]))
             }
             Store::Rows(t) => {
-                let (n, width) = (t.size()[0], t.size()[1] as usize);
-                ensure!(seq <= width, "the token rows are {width} tokens long, shorter than windows of {seq}: use windows of {width} tokens or less (train --seq, eval --tokens)");
+                self.fits(seq)?;
+                let n = t.size()[0];
                 // In usize: `max` may be usize::MAX ("all"), which is -1 as an i64.
                 let keep = (n as usize).min(max) as i64;
                 Ok(t.narrow(0, 0, keep).narrow(1, 0, seq as i64).contiguous())
