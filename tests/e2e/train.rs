@@ -117,6 +117,23 @@ fn a_killed_run_resumes_onto_the_uninterrupted_curve() {
 }
 
 #[test]
+fn resuming_checks_the_settings_of_the_run_folder() {
+    // train.json is a file anyone may edit; resuming from a checkpoint once skipped the checks of a new run
+    // and aborted on allocating the batch.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    run(&mut train_cmd("tiny-llama", &out, Some(2), &[])).success();
+    let settings = out.join("train.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&settings).unwrap()).unwrap();
+    v["config"]["steps"] = 4.into();
+    v["config"]["batch"] = 100_000_000_000u64.into();
+    std::fs::write(&settings, v.to_string()).unwrap();
+    let r = run(scalpel1().arg("train").arg("--resume").arg(&out)).failure();
+    assert!(r.stderr.contains("--batch 100000000000") && !r.stderr.contains("memory allocation"), "{}", r.stderr);
+    assert_eq!(log(&out).len(), 2, "nothing trained");
+}
+
+#[test]
 fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");

@@ -303,7 +303,8 @@ pub fn resume(out: &Path, device: Device) -> Result<Summary> {
     }
     // The checkpoint has everything the model was: resuming does not need the model it started from.
     let saved = Checkpoint::open(&ckpt_dir.join("model"))?;
-    let data = open_data(&run, &saved)?;
+    // The settings come from a file anyone may edit: they are checked as a new run's are.
+    let data = check_against(&run, &saved)?;
     let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(ckpt_dir.join(TRAINER_STATE))?).context("reading trainer.json")?;
     let net = Transformer::load(&saved, device, Kind::Float)?;
     let ckpt = saved;
