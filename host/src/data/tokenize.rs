@@ -44,6 +44,9 @@ pub fn tokenize(o: &Options) -> Result<Manifest> {
         Tokenizer::Gpt2(_) => 50257,
     };
     let dtype = TokenDtype::for_vocab(vocab);
+    // Both depend only on the inputs and the output: refused before tokenizing, which takes minutes on a corpus.
+    let val = val_documents(docs.len(), o.val_fraction, o.seed)?;
+    let staging = stage(&o.out, o.force, "manifest.json")?;
 
     eprintln!("tokenizing {} documents with {} on {} threads", docs.len(), info.name, rayon::current_num_threads());
     let sep = info.separator_id;
@@ -56,8 +59,6 @@ pub fn tokenize(o: &Options) -> Result<Manifest> {
         })
         .collect::<Result<_>>()?;
 
-    let val = val_documents(docs.len(), o.val_fraction, o.seed)?;
-    let staging = stage(&o.out, o.force, "manifest.json")?;
     let write = |file: &str, pick: &dyn Fn(usize) -> bool| -> Result<SplitInfo> {
         let chosen: Vec<&Vec<u32>> = ids.iter().enumerate().filter(|(i, _)| pick(*i)).map(|(_, d)| d).collect();
         let flat: Vec<u32> = chosen.iter().flat_map(|d| d.iter().copied()).collect();
