@@ -91,7 +91,7 @@ fn val_documents(n: usize, fraction: f64, seed: u64) -> Result<Vec<bool>> {
 /// The tokenizer of a model folder and what the manifest records of it.
 fn load_tokenizer(model: &Path) -> Result<(Tokenizer, TokenizerInfo)> {
     ensure!(model.is_dir(), "--tokenizer {}: expected a model folder (with tokenizer.json, or a GPT-2 config.json)", model.display());
-    let family = match std::fs::read_to_string(model.join("config.json")) {
+    let family = match scalpel_files::read_regular_string(&model.join("config.json")) {
         Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
             .with_context(|| format!("{}/config.json is not JSON", model.display()))?["model_type"]
             .as_str()
@@ -137,7 +137,7 @@ fn read_input(input: &str) -> Result<(SourceInfo, Vec<String>)> {
     let mut hasher = Sha256::new();
     let mut texts = Vec::with_capacity(files.len());
     for f in &files {
-        let text = std::fs::read_to_string(f).with_context(|| format!("{} is not UTF-8 text", f.display()))?;
+        let text = scalpel_files::read_regular_string(f).with_context(|| format!("reading {}", f.display()))?;
         hasher.update(f.file_name().unwrap().as_encoded_bytes());
         hasher.update([0]);
         hasher.update(text.as_bytes());

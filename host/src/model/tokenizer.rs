@@ -63,7 +63,7 @@ impl Tokenizer {
     /// conventional one the vocabulary has.
     pub fn eos(&self, dir: &Path) -> Option<i64> {
         let Tokenizer::Hf(t) = self else { return Some(50256) };
-        let config = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+        let config = scalpel_files::read_regular_string(&dir.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
         let named = config.as_ref().and_then(|c| c["eos_token"].as_str().or(c["eos_token"]["content"].as_str()).map(String::from));
         named
             .into_iter()
