@@ -1,7 +1,7 @@
 //! `scalpel inheritune`: rounds of cut-train-compare-grow on a tiny model, both growth readings, a
 //! resume after `kill -9`, and the recipe form of the loop.
 
-use crate::{repo, run, scalpel, tiny};
+use crate::{repo, run, scalpel, tiny, token_file};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -146,15 +146,8 @@ fn warm_growth_stops_at_the_references_depth_and_a_moved_run_resumes_where_it_is
 fn data_the_reference_cannot_train_on_is_refused_before_the_run_folder_exists() {
     // Once found only in round 1, inside a run folder the next run then refused without --force.
     let dir = tempfile::tempdir().unwrap();
-    let bin = |name: &str, ids: &[u16]| {
-        let path = dir.path().join(name);
-        let mut bytes: Vec<u8> = [20240520i32, 1, ids.len() as i32].into_iter().chain([0; 253]).flat_map(i32::to_le_bytes).collect();
-        bytes.extend(ids.iter().flat_map(|i| i.to_le_bytes()));
-        std::fs::write(&path, bytes).unwrap();
-        path
-    };
-    let foreign = bin("foreign.bin", &[60000; 64]);
-    let short = bin("short.bin", &[1, 2, 3]);
+    let foreign = token_file(&dir.path().join("foreign.bin"), &[60000; 64]);
+    let short = token_file(&dir.path().join("short.bin"), &[1, 2, 3]);
     let out = dir.path().join("run");
     for (data, says) in [(&foreign, "token id 60000"), (&short, "fewer than one window of 32")] {
         let r = run(scalpel()

@@ -2,7 +2,7 @@
 //! tests/golden/make_train_golden.py), a run survives `kill -9` and resumes onto the same curve,
 //! a NaN stops it with its last checkpoint intact, and the checkpoint reloads with the same loss.
 
-use crate::{repo, run, scalpel, tiny, Run};
+use crate::{repo, run, scalpel, tiny, token_file, Run};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -199,10 +199,7 @@ fn settings_the_model_cannot_train_are_refused_before_anything_is_written() {
     assert!(r.stderr.contains("--top-p"), "{}", r.stderr);
     // Data shorter than one window, as training or validation data: once found only at the first step, after
     // the run folder was made, which the next run then refused without --force.
-    let short = dir.path().join("short.bin");
-    let mut bytes: Vec<u8> = [20240520i32, 1, 3].into_iter().chain([0; 253]).flat_map(i32::to_le_bytes).collect();
-    bytes.extend([1u8, 0, 2, 0, 3, 0]);
-    std::fs::write(&short, bytes).unwrap();
+    let short = token_file(&dir.path().join("short.bin"), &[1, 2, 3]);
     for (data, val, split) in [(&short, &batches, "training"), (&batches, &short, "validation")] {
         let r = run(scalpel1().arg("train").arg(tiny("tiny-llama")).arg("--data").arg(data).arg("--val").arg(val).arg("-o").arg(&out).args(["--seq", "16"])).failure();
         assert!(r.stderr.contains(&format!("the {split} data")) && r.stderr.contains("fewer than one window of 16"), "{}", r.stderr);
