@@ -239,9 +239,10 @@ fn a_fifo_given_as_data_recipe_reports_or_text_does_not_hang() {
     let attempts: Vec<Vec<std::ffi::OsString>> = vec![
         vec!["train".into(), tiny("tiny-llama").into(), "--data".into(), bin.clone().into(), "-o".into(), out.clone().into(), "--seq".into(), "16".into()],
         vec!["eval".into(), gpt2.clone().into(), "--data".into(), bin.into(), "--tokens".into(), "16".into()],
-        vec!["eval".into(), gpt2.clone().into(), "--text".into(), txt.into(), "--tokens".into(), "16".into()],
+        vec!["eval".into(), gpt2.clone().into(), "--text".into(), txt.clone().into(), "--tokens".into(), "16".into()],
         vec!["run".into(), toml.into(), "--model".into(), tiny("tiny-llama").into(), "-o".into(), out.clone().into()],
         vec!["run".into(), recipe.into(), "--model".into(), tiny("tiny-llama").into(), "-o".into(), out.clone().into()],
+        vec!["data".into(), "tokenize".into(), txt.clone().into(), "--tokenizer".into(), gpt2.clone().into(), "-o".into(), out.clone().into()],
     ];
     for args in attempts {
         let r = run_within(scalpel().env("OMP_NUM_THREADS", "1").args(&args), Duration::from_secs(30)).failure();

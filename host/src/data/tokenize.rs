@@ -115,8 +115,9 @@ fn load_tokenizer(model: &Path) -> Result<(Tokenizer, TokenizerInfo)> {
 /// (fetched now if it is not cached).
 fn read_input(input: &str) -> Result<(SourceInfo, Vec<String>)> {
     let path = Path::new(input);
-    if path.is_file() {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{} is not UTF-8 text", path.display()))?;
+    // Anything there that is not a folder is a document: a FIFO or device is refused by name, not taken for a source.
+    if path.exists() && !path.is_dir() {
+        let text = scalpel_files::read_regular_string(path).with_context(|| format!("reading {}", path.display()))?;
         let info = SourceInfo { name: input.into(), path: path.into(), sha256: sha256_file(path)?, documents: 1 };
         return Ok((info, vec![text]));
     }
