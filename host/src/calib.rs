@@ -13,6 +13,9 @@ pub struct Windows {
     pub source: String,
 }
 
+/// At most this many sampled calibration tokens (2^28: a thousand times the usual 128 × 2048; 2 GiB of ids).
+const MAX_CALIBRATION_TOKENS: usize = 1 << 28;
+
 pub struct Sampling {
     pub sequences: usize,
     pub tokens: usize,
@@ -39,6 +42,10 @@ impl Windows {
     fn from_text(path: &Path, tokenizer: &Tokenizer, s: &Sampling) -> Result<Self> {
         if s.sequences == 0 || s.tokens < 2 {
             bail!("calibration needs at least one window of at least 2 tokens (got N={}, T={})", s.sequences, s.tokens);
+        }
+        // Sampled windows are held whole, as int64 ids and then activations: past this the allocation aborts.
+        if s.sequences.checked_mul(s.tokens).is_none_or(|n| n > MAX_CALIBRATION_TOKENS) {
+            bail!("calibration of N={} windows × T={} tokens is more than scalpel samples (at most {MAX_CALIBRATION_TOKENS} tokens): lower -n or -t", s.sequences, s.tokens);
         }
         let text = scalpel_files::read_regular_string(path).with_context(|| format!("reading calibration text {}", path.display()))?;
         let ids = tokenizer.encode(&text)?;
@@ -305,5 +312,25 @@ mod npy {
             let e = super::super::token_ids_from_bytes(&npy("<i8", false, "(0, 99999999999993)", &[]), std::path::Path::new("ids.npy")).unwrap_err().to_string();
             assert!(e.contains("empty"), "{e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_window_counts_are_refused_before_any_allocation() {
+        // -n 100000000000 once panicked in libtorch on an 800 GB allocation; usize::MAX wrapped to a negative size.
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("a.txt");
+        std::fs::write(&text, "one two three four five six seven eight nine ten").unwrap();
+        let gpt2 = || Ok(Tokenizer::Gpt2(tiktoken_rs::r50k_base()?));
+        for (sequences, tokens) in [(100_000_000_000, 16), (usize::MAX, 2), (2, usize::MAX)] {
+            let err = Windows::load(&text, gpt2, 50257, &Sampling { sequences, tokens, seed: 0, bos: false }).err().unwrap().to_string();
+            assert!(err.contains("more than scalpel samples"), "{err}");
+        }
+        let w = Windows::load(&text, gpt2, 50257, &Sampling { sequences: 3, tokens: 4, seed: 0, bos: false }).unwrap();
+        assert_eq!(w.ids.size(), [3, 4]);
     }
 }

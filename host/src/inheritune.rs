@@ -12,7 +12,6 @@
 //! - `warm`: round K grows round K-1's trained model with a strategy (`stack` of its top Δ blocks by
 //!   default, or `duplicate` with zeroed copies, or any other).
 
-use crate::data::Dataset;
 use crate::model::{Checkpoint, Transformer};
 use crate::pipeline;
 use crate::plots;
@@ -257,12 +256,11 @@ fn start(s: &Settings, force: bool, progress: &dyn Fn(&str)) -> Result<State> {
         bail!("--grow and --max-rounds must be at least 1");
     }
     let reference = Checkpoint::open(&s.reference)?;
-    s.train.check(&reference.dims)?;
-    let data = Dataset::open(&s.data)?;
-    let val = match &s.val {
-        Some(v) => Dataset::open(v)?.train,
-        None => data.val.context("inheritune compares validation losses: the data has no validation split; give --val DATA")?,
-    };
+    // Every round trains on this data with these settings, and a round's model has the reference's vocabulary and
+    // context: checked here, a bad id or a too-short file no longer fails round 1 inside a run folder already made.
+    let run = train::Run { model: s.reference.clone(), data: s.data.clone(), val: s.val.clone(), output: s.output.clone(), config: s.train.clone() };
+    let data = train::check_against(&run, &reference)?;
+    let val = data.val.context("inheritune compares validation losses: the data has no validation split; give --val DATA")?;
     if let StartAt::Layers(l) = s.method.start {
         if l == 0 || l > reference.dims.layers {
             bail!("--start {l}: the reference has {} layers", reference.dims.layers);

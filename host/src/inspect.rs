@@ -148,7 +148,7 @@ fn eos_ids(ckpt: &Checkpoint, tokenizer: &Tokenizer) -> Vec<i64> {
             v => v.as_i64().into_iter().collect(),
         }
     };
-    let generation = std::fs::read_to_string(ckpt.dir.join("generation_config.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let generation = scalpel_files::read_regular_string(&ckpt.dir.join("generation_config.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
     if let Some(found) = generation.map(|g| ids(&g["eos_token_id"])).filter(|v| !v.is_empty()) {
         return found;
     }
@@ -265,7 +265,7 @@ pub fn mean_nll(net: &Transformer, windows: &Tensor, first: i64) -> Result<(f64,
 /// Consecutive windows of a text file, `[n, tokens]`, each starting with BOS when asked.
 fn text_windows(ckpt: &Checkpoint, path: &Path, tokens: usize, max_windows: usize, bos: bool) -> Result<Tensor> {
     let tokenizer = Tokenizer::for_model(&ckpt.dir, &ckpt.arch.family)?;
-    let content = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let content = scalpel_files::read_regular_string(path).with_context(|| format!("reading {}", path.display()))?;
     let ids = tokenizer.encode(&content)?;
     let body = tokens - usize::from(bos);
     if ids.len() < body {

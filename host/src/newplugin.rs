@@ -69,6 +69,12 @@ fn check_name(name: &str) -> Result<()> {
     if !ok {
         bail!("`{name}` is not a plugin name: use lowercase letters, digits and single dashes, starting with a letter (e.g. `my-pruning`)");
     }
+    // The built library is `libscalpel_plugin_NAME.so`, and a file name holds at most 255 bytes: a crate with a
+    // longer name was written but could not be built into a library.
+    let most = 255 - "libscalpel_plugin_.so".len();
+    if name.len() > most {
+        bail!("`{name}` is {} characters long: a plugin name has at most {most}, so that its library's file name fits", name.len());
+    }
     Ok(())
 }
 
@@ -111,6 +117,8 @@ mod tests {
         for bad in ["", "My", "2x", "a--b", "a-", "a_b", "a/b", "-a"] {
             assert!(check_name(bad).unwrap_err().to_string().contains("lowercase letters"), "{bad}");
         }
+        check_name(&"a".repeat(234)).unwrap();
+        assert!(check_name(&"a".repeat(235)).unwrap_err().to_string().contains("at most 234"));
     }
 
     #[test]

@@ -145,7 +145,7 @@ pub fn prepare<'r>(recipe: &'r Recipe, opts: &Options) -> Result<Prepared<'r>> {
     };
     let reports = match &recipe.reports {
         Some(file) => {
-            let text = std::fs::read_to_string(file).with_context(|| format!("reading reports {}", file.display()))?;
+            let text = scalpel_files::read_regular_string(file).with_context(|| format!("reading reports {}", file.display()))?;
             let reports: Reports = serde_json::from_str(&text).with_context(|| format!("{} is not a reports.json written by scalpel", file.display()))?;
             for r in reports.0.values() {
                 r.check(ckpt.dims.layers).with_context(|| format!("{} does not describe {}", file.display(), model_dir.display()))?;

@@ -43,7 +43,8 @@ pub struct Registry {
 pub fn search_path(extra: &[PathBuf]) -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     if let Some(exe_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
-        dirs.push(exe_dir.join("plugins"));
+        // The built-in `plugins/` subfolder is optional; every other entry was named by someone and must exist.
+        dirs.extend(Some(exe_dir.join("plugins")).filter(|d| d.exists()));
         dirs.push(exe_dir);
     }
     if let Some(path) = std::env::var_os("SCALPEL_PLUGIN_PATH") {
@@ -61,7 +62,15 @@ impl Registry {
         for dir in dirs {
             // A library named explicitly (`--plugins FILE`) loads whatever its name: that is how examples load.
             // Anything there that is not a folder counts as named, so a FIFO or device is reported, not skipped.
-            let files = if dir.is_dir() { plugin_files(dir) } else if dir.exists() { vec![dir.clone()] } else { vec![] };
+            let files = if dir.is_dir() {
+                plugin_files(dir)
+            } else if dir.exists() {
+                vec![dir.clone()]
+            } else {
+                // A typo in --plugins or SCALPEL_PLUGIN_PATH once loaded nothing from it without a word.
+                reg.problems.push(format!("{} does not exist: check the --plugins or SCALPEL_PLUGIN_PATH entry", dir.display()));
+                vec![]
+            };
             for path in files {
                 let canonical = path.canonicalize().unwrap_or_else(|_| path.clone());
                 if seen.contains(&canonical) {

@@ -158,7 +158,7 @@ impl Recipe {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
+        let text = scalpel_files::read_regular_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
         Self::parse(&text, path)
     }
 

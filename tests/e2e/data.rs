@@ -65,6 +65,9 @@ fn tokenize_writes_each_document_after_the_separator_in_order() {
     // An existing output is not replaced without --force.
     let again = run(&mut tokenize(&docs, &out)).failure();
     assert!(again.stderr.contains("--force"), "{}", again.stderr);
+    // --force replaces only an earlier output, and says so before tokenizing (minutes on a corpus), not after.
+    let again = run(tokenize(&docs, &docs).arg("--force")).failure();
+    assert!(again.stderr.contains("not an earlier output") && !again.stderr.contains("tokenizing"), "{}", again.stderr);
 }
 
 #[test]
@@ -98,7 +101,7 @@ fn a_single_document_cannot_be_split() {
     let file = tmp.path().join("one.txt");
     std::fs::write(&file, "Only one document here.").unwrap();
     let out = run(&mut tokenize(&file, &tmp.path().join("d"))).failure();
-    assert!(out.stderr.contains("--val-fraction 0"), "{}", out.stderr);
+    assert!(out.stderr.contains("--val-fraction 0") && !out.stderr.contains("tokenizing"), "{}", out.stderr);
     assert!(!tmp.path().join("d").exists());
     let out = run(&mut tokenize(Path::new("no-such-source"), &tmp.path().join("d"))).failure();
     assert!(out.stderr.contains("scalpel data list"), "{}", out.stderr);

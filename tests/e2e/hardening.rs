@@ -223,6 +223,40 @@ fn a_fifo_named_like_a_model_file_does_not_hang() {
 }
 
 #[test]
+fn a_fifo_given_as_data_recipe_reports_or_text_does_not_hang() {
+    // Each of these once blocked forever waiting for a writer.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = |name: &str| {
+        let p = dir.path().join(name);
+        assert!(Command::new("mkfifo").arg(&p).status().unwrap().success());
+        p
+    };
+    let (bin, toml, txt, json) = (fifo("train.bin"), fifo("recipe.toml"), fifo("book.txt"), fifo("reports.json"));
+    let recipe = dir.path().join("cut.toml");
+    std::fs::write(&recipe, format!("reports = {:?}\n[[step]]\nstrategy = \"cutoff\"\nconfig = {{ keep = 2 }}\n", json.display().to_string())).unwrap();
+    let out = dir.path().join("out");
+    let gpt2 = tiny("tiny-gpt2");
+    let attempts: Vec<Vec<std::ffi::OsString>> = vec![
+        vec!["train".into(), tiny("tiny-llama").into(), "--data".into(), bin.clone().into(), "-o".into(), out.clone().into(), "--seq".into(), "16".into()],
+        vec!["eval".into(), gpt2.clone().into(), "--data".into(), bin.into(), "--tokens".into(), "16".into()],
+        vec!["eval".into(), gpt2.clone().into(), "--text".into(), txt.clone().into(), "--tokens".into(), "16".into()],
+        vec!["run".into(), toml.into(), "--model".into(), tiny("tiny-llama").into(), "-o".into(), out.clone().into()],
+        vec!["run".into(), recipe.into(), "--model".into(), tiny("tiny-llama").into(), "-o".into(), out.clone().into()],
+        vec!["data".into(), "tokenize".into(), txt.clone().into(), "--tokenizer".into(), gpt2.clone().into(), "-o".into(), out.clone().into()],
+    ];
+    for args in attempts {
+        let r = run_within(scalpel().env("OMP_NUM_THREADS", "1").args(&args), Duration::from_secs(30)).failure();
+        assert!(r.stderr.contains("not a regular file (a FIFO)"), "{args:?}: {}", r.stderr);
+    }
+    assert!(!out.exists());
+    // A FIFO generation_config.json is passed over, as a missing one is.
+    let m = edited_copy(dir.path(), "tiny-gpt2", |_| {});
+    std::fs::remove_file(m.join("generation_config.json")).unwrap();
+    assert!(Command::new("mkfifo").arg(m.join("generation_config.json")).status().unwrap().success());
+    run_within(scalpel().env("OMP_NUM_THREADS", "1").arg("generate").arg(&m).args(["--prompt", "!", "--max-tokens", "3"]), Duration::from_secs(30)).success();
+}
+
+#[test]
 fn a_fifo_named_like_a_plugin_is_skipped_with_a_warning_not_loaded() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("libscalpel_plugin_fifo.so");

@@ -1,7 +1,7 @@
 //! `scalpel inheritune`: rounds of cut-train-compare-grow on a tiny model, both growth readings, a
 //! resume after `kill -9`, and the recipe form of the loop.
 
-use crate::{repo, run, scalpel, tiny};
+use crate::{repo, run, scalpel, tiny, token_file};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -140,4 +140,30 @@ fn warm_growth_stops_at_the_references_depth_and_a_moved_run_resumes_where_it_is
     std::fs::rename(&out, &moved).unwrap();
     run(scalpel().env("OMP_NUM_THREADS", "1").arg("inheritune").arg("--resume").arg(&moved)).success();
     assert!(!out.exists(), "resuming a moved run does not recreate the old folder");
+}
+
+#[test]
+fn data_the_reference_cannot_train_on_is_refused_before_the_run_folder_exists() {
+    // Once found only in round 1, inside a run folder the next run then refused without --force.
+    let dir = tempfile::tempdir().unwrap();
+    let foreign = token_file(&dir.path().join("foreign.bin"), &[60000; 64]);
+    let short = token_file(&dir.path().join("short.bin"), &[1, 2, 3]);
+    let out = dir.path().join("run");
+    for (data, says) in [(&foreign, "token id 60000"), (&short, "fewer than one window of 32")] {
+        let r = run(scalpel()
+            .env("OMP_NUM_THREADS", "1")
+            .arg("inheritune")
+            .arg("--reference")
+            .arg(tiny("tiny-llama"))
+            .arg("--data")
+            .arg(data)
+            .arg("--val")
+            .arg(batches())
+            .arg("-o")
+            .arg(&out)
+            .args(["--start", "2", "--steps", "1", "--batch", "2", "--seq", "32"]))
+        .failure();
+        assert!(r.stderr.contains(says), "{}", r.stderr);
+        assert!(!out.exists(), "nothing written");
+    }
 }

@@ -87,6 +87,14 @@ pub fn tiny(name: &str) -> PathBuf {
     repo().join("tests/data").join(name)
 }
 
+/// Writes `ids` as an llm.c uint16 token file (a 256-int32 header: magic, version, count) at `path`.
+pub fn token_file(path: &Path, ids: &[u16]) -> PathBuf {
+    let mut bytes: Vec<u8> = [20240520i32, 1, ids.len() as i32].into_iter().chain([0; 253]).flat_map(i32::to_le_bytes).collect();
+    bytes.extend(ids.iter().flat_map(|i| i.to_le_bytes()));
+    std::fs::write(path, bytes).unwrap();
+    path.to_path_buf()
+}
+
 /// `[rows, cols]` int64 token ids as a `.npy` file, values cycling below `vocab`.
 pub fn token_ids_npy(dir: &Path, rows: usize, cols: usize, vocab: usize) -> PathBuf {
     let header = format!("{{'descr': '<i8', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");

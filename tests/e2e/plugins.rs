@@ -120,3 +120,15 @@ fn the_plugin_path_variable_is_searched() {
     let out = run(scalpel().env("SCALPEL_PLUGIN_PATH", dir.path()).args(["plugins", "--json"])).success();
     assert!(out.stderr.contains("libscalpel_plugin_via_env.so"), "{}", out.stderr);
 }
+
+#[test]
+fn a_plugin_folder_that_does_not_exist_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-folder");
+    let out = run(scalpel().arg("--plugins").arg(&missing).args(["plugins", "--json"])).success();
+    assert!(out.stderr.contains("no-such-folder does not exist"), "{}", out.stderr);
+    let out = run(scalpel().env("SCALPEL_PLUGIN_PATH", &missing).args(["plugins", "--json"])).success();
+    assert!(out.stderr.contains("no-such-folder does not exist"), "{}", out.stderr);
+    // The built-in set alone warns about nothing.
+    assert!(!run(scalpel().args(["plugins", "--json"])).success().stderr.contains("warning"));
+}

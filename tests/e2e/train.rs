@@ -2,7 +2,7 @@
 //! tests/golden/make_train_golden.py), a run survives `kill -9` and resumes onto the same curve,
 //! a NaN stops it with its last checkpoint intact, and the checkpoint reloads with the same loss.
 
-use crate::{repo, run, scalpel, tiny, Run};
+use crate::{repo, run, scalpel, tiny, token_file, Run};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -117,6 +117,23 @@ fn a_killed_run_resumes_onto_the_uninterrupted_curve() {
 }
 
 #[test]
+fn resuming_checks_the_settings_of_the_run_folder() {
+    // train.json is a file anyone may edit; resuming from a checkpoint once skipped the checks of a new run
+    // and aborted on allocating the batch.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    run(&mut train_cmd("tiny-llama", &out, Some(2), &[])).success();
+    let settings = out.join("train.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&settings).unwrap()).unwrap();
+    v["config"]["steps"] = 4.into();
+    v["config"]["batch"] = 100_000_000_000u64.into();
+    std::fs::write(&settings, v.to_string()).unwrap();
+    let r = run(scalpel1().arg("train").arg("--resume").arg(&out)).failure();
+    assert!(r.stderr.contains("--batch 100000000000") && !r.stderr.contains("memory allocation"), "{}", r.stderr);
+    assert_eq!(log(&out).len(), 2, "nothing trained");
+}
+
+#[test]
 fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
@@ -180,6 +197,20 @@ fn settings_the_model_cannot_train_are_refused_before_anything_is_written() {
     assert!(v["error"].as_str().unwrap().contains("--seq 200"), "{v}");
     let r = run(scalpel1().arg("generate").arg(tiny("tiny-llama")).args(["--prompt", "x", "--top-p", "0"])).failure();
     assert!(r.stderr.contains("--top-p"), "{}", r.stderr);
+    // Data shorter than one window, as training or validation data: once found only at the first step, after
+    // the run folder was made, which the next run then refused without --force.
+    let short = token_file(&dir.path().join("short.bin"), &[1, 2, 3]);
+    for (data, val, split) in [(&short, &batches, "training"), (&batches, &short, "validation")] {
+        let r = run(scalpel1().arg("train").arg(tiny("tiny-llama")).arg("--data").arg(data).arg("--val").arg(val).arg("-o").arg(&out).args(["--seq", "16"])).failure();
+        assert!(r.stderr.contains(&format!("the {split} data")) && r.stderr.contains("fewer than one window of 16"), "{}", r.stderr);
+        assert!(!out.exists(), "nothing written");
+    }
+    // An absurd batch: once an abort on allocating its buffer, or an overflowing token count.
+    for (batch, accum, says) in [("100000000000", "1", "for its logits alone"), ("18446744073709551615", "1", "more than can be counted"), ("4", "9223372036854775807", "more than can be counted")] {
+        let r = run(scalpel1().arg("train").arg(tiny("tiny-llama")).arg("--data").arg(&batches).arg("-o").arg(&out).args(["--seq", "16", "--batch", batch, "--grad-accum", accum])).failure();
+        assert!(r.stderr.contains(says) && !r.stderr.contains("panicked"), "{}", r.stderr);
+        assert!(!out.exists(), "nothing written");
+    }
 }
 
 #[test]

@@ -44,6 +44,9 @@ pub fn tokenize(o: &Options) -> Result<Manifest> {
         Tokenizer::Gpt2(_) => 50257,
     };
     let dtype = TokenDtype::for_vocab(vocab);
+    // Both depend only on the inputs and the output: refused before tokenizing, which takes minutes on a corpus.
+    let val = val_documents(docs.len(), o.val_fraction, o.seed)?;
+    let staging = stage(&o.out, o.force, "manifest.json")?;
 
     eprintln!("tokenizing {} documents with {} on {} threads", docs.len(), info.name, rayon::current_num_threads());
     let sep = info.separator_id;
@@ -56,8 +59,6 @@ pub fn tokenize(o: &Options) -> Result<Manifest> {
         })
         .collect::<Result<_>>()?;
 
-    let val = val_documents(docs.len(), o.val_fraction, o.seed)?;
-    let staging = stage(&o.out, o.force, "manifest.json")?;
     let write = |file: &str, pick: &dyn Fn(usize) -> bool| -> Result<SplitInfo> {
         let chosen: Vec<&Vec<u32>> = ids.iter().enumerate().filter(|(i, _)| pick(*i)).map(|(_, d)| d).collect();
         let flat: Vec<u32> = chosen.iter().flat_map(|d| d.iter().copied()).collect();
@@ -90,7 +91,7 @@ fn val_documents(n: usize, fraction: f64, seed: u64) -> Result<Vec<bool>> {
 /// The tokenizer of a model folder and what the manifest records of it.
 fn load_tokenizer(model: &Path) -> Result<(Tokenizer, TokenizerInfo)> {
     ensure!(model.is_dir(), "--tokenizer {}: expected a model folder (with tokenizer.json, or a GPT-2 config.json)", model.display());
-    let family = match std::fs::read_to_string(model.join("config.json")) {
+    let family = match scalpel_files::read_regular_string(&model.join("config.json")) {
         Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
             .with_context(|| format!("{}/config.json is not JSON", model.display()))?["model_type"]
             .as_str()
@@ -114,8 +115,9 @@ fn load_tokenizer(model: &Path) -> Result<(Tokenizer, TokenizerInfo)> {
 /// (fetched now if it is not cached).
 fn read_input(input: &str) -> Result<(SourceInfo, Vec<String>)> {
     let path = Path::new(input);
-    if path.is_file() {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{} is not UTF-8 text", path.display()))?;
+    // Anything there that is not a folder is a document: a FIFO or device is refused by name, not taken for a source.
+    if path.exists() && !path.is_dir() {
+        let text = scalpel_files::read_regular_string(path).with_context(|| format!("reading {}", path.display()))?;
         let info = SourceInfo { name: input.into(), path: path.into(), sha256: sha256_file(path)?, documents: 1 };
         return Ok((info, vec![text]));
     }
@@ -136,7 +138,7 @@ fn read_input(input: &str) -> Result<(SourceInfo, Vec<String>)> {
     let mut hasher = Sha256::new();
     let mut texts = Vec::with_capacity(files.len());
     for f in &files {
-        let text = std::fs::read_to_string(f).with_context(|| format!("{} is not UTF-8 text", f.display()))?;
+        let text = scalpel_files::read_regular_string(f).with_context(|| format!("reading {}", f.display()))?;
         hasher.update(f.file_name().unwrap().as_encoded_bytes());
         hasher.update([0]);
         hasher.update(text.as_bytes());

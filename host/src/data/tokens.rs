@@ -93,7 +93,8 @@ struct Stream {
 
 impl Stream {
     fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).with_context(|| format!("opening token file {}", path.display()))?;
+        // Only a regular file: a FIFO named train.bin once hung train and eval.
+        let file = scalpel_files::open_regular(path).context("opening a token file")?;
         // SAFETY: the map is read-only; a file changed under a running job is the user's to avoid, as for checkpoints.
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
         let redo = "re-create it with `scalpel data tokenize`";
@@ -142,9 +143,9 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// An llm.c token file; `max_id` when a manifest already knows it (else it is scanned once, on demand).
-    pub fn open_bin(path: &Path, max_id: Option<u32>) -> Result<Tokens> {
-        Ok(Tokens::new(Store::Stream(Stream::open(path)?), max_id))
+    /// An llm.c token file; its largest id is scanned once, on demand.
+    pub fn open_bin(path: &Path) -> Result<Tokens> {
+        Ok(Tokens::new(Store::Stream(Stream::open(path)?), None))
     }
 
     /// The rows of an integer `[N, T]` tensor.
@@ -210,7 +211,7 @@ impl Tokens {
         let first = step.checked_mul(batch as u64).context("step * batch overflows")?;
         match &self.store {
             Store::Stream(s) => {
-                ensure!(s.len >= seq, "the token file holds {} tokens, fewer than one window of {seq}: use shorter windows (train --seq, eval --tokens) or more text", s.len);
+                self.fits(seq)?;
                 if shuffle {
                     let mut rng = ChaCha8Rng::seed_from_u64(seed);
                     rng.set_stream(step);
@@ -222,8 +223,8 @@ impl Tokens {
                 }
             }
             Store::Rows(t) => {
-                let (n, width) = (t.size()[0] as u64, t.size()[1] as usize);
-                ensure!(seq <= width, "the token rows are {width} tokens long, shorter than windows of {seq}: use windows of {width} tokens or less (train --seq, eval --tokens)");
+                self.fits(seq)?;
+                let n = t.size()[0] as u64;
                 let mut cache = self.permutation.lock().unwrap();
                 let mut rows = Vec::with_capacity(batch);
                 for g in first..first + batch as u64 {
@@ -240,6 +241,18 @@ impl Tokens {
                 Ok(rows)
             }
         }
+    }
+
+    /// Refuses windows of `seq` tokens that this data cannot give even once.
+    pub fn fits(&self, seq: usize) -> Result<()> {
+        match &self.store {
+            Store::Stream(s) => ensure!(s.len >= seq, "the token file holds {} tokens, fewer than one window of {seq}: use shorter windows (train --seq, eval --tokens) or more text", s.len),
+            Store::Rows(t) => {
+                let width = t.size()[1] as usize;
+                ensure!(seq <= width, "the token rows are {width} tokens long, shorter than windows of {seq}: use windows of {width} tokens or less (train --seq, eval --tokens)");
+            }
+        }
+        Ok(())
     }
 
     /// A token file (windows are cut from a stream), rather than tensor rows.
@@ -261,8 +274,8 @@ impl Tokens {
         ensure!(seq > 0 && max > 0, "validation needs at least one window of one token (got seq {seq}, max {max})");
         match &self.store {
             Store::Stream(s) => {
+                self.fits(seq)?;
                 let n = (s.len / seq).min(max);
-                ensure!(n > 0, "the token file holds {} tokens, fewer than one window of {seq}: use shorter windows (train --seq, eval --tokens) or more text", s.len);
                 let mut out = Vec::with_capacity(n * seq);
                 for w in 0..n {
                     s.push_window(w * seq, seq, &mut out);
@@ -270,8 +283,8 @@ impl Tokens {
                 Ok(Tensor::from_slice(&out).reshape([n as i64, seq as i64]))
             }
             Store::Rows(t) => {
-                let (n, width) = (t.size()[0], t.size()[1] as usize);
-                ensure!(seq <= width, "the token rows are {width} tokens long, shorter than windows of {seq}: use windows of {width} tokens or less (train --seq, eval --tokens)");
+                self.fits(seq)?;
+                let n = t.size()[0];
                 // In usize: `max` may be usize::MAX ("all"), which is -1 as an i64.
                 let keep = (n as usize).min(max) as i64;
                 Ok(t.narrow(0, 0, keep).narrow(1, 0, seq as i64).contiguous())
@@ -361,7 +374,7 @@ impl Dataset {
         ensure!(path.exists(), "{} does not exist: pass a folder from `scalpel data tokenize`, an llm.c .bin file, or a [N, T] .safetensors/.npy", path.display());
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         let train = match ext {
-            "bin" => Tokens::open_bin(path, None)?,
+            "bin" => Tokens::open_bin(path)?,
             "safetensors" | "npy" => Tokens::from_rows(crate::calib::read_token_ids(path)?).with_context(|| format!("reading {}", path.display()))?,
             _ => bail!("{}: unknown data (.{ext}); expected a folder from `scalpel data tokenize`, an llm.c .bin file, or a [N, T] .safetensors/.npy (for text, run `scalpel data tokenize` first)", path.display()),
         };
@@ -374,13 +387,23 @@ impl Dataset {
 
     fn open_folder(dir: &Path) -> Result<Dataset> {
         let file = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&file).with_context(|| format!("{} has no manifest.json: is it a folder from `scalpel data tokenize`?", dir.display()))?;
+        let text = scalpel_files::read_regular_string(&file).with_context(|| format!("{} has no manifest.json: is it a folder from `scalpel data tokenize`?", dir.display()))?;
         let m: Manifest = serde_json::from_str(&text).with_context(|| format!("{} is not a scalpel data manifest", file.display()))?;
         let open = |split: &SplitInfo| -> Result<(Tokens, PathBuf)> {
+            // The token files live inside the folder: a name that climbs out of it or is absolute is refused.
+            ensure!(
+                !split.file.is_empty() && Path::new(&split.file).components().all(|c| matches!(c, std::path::Component::Normal(_))),
+                "{}'s manifest.json names the token file `{}`, which is not a file inside that folder",
+                dir.display(),
+                split.file
+            );
             let path = dir.join(&split.file);
-            let t = Tokens::open_bin(&path, Some(split.max_id))?;
+            let t = Tokens::open_bin(&path)?;
             let Store::Stream(s) = &t.store else { unreachable!() };
             ensure!(s.dtype == m.dtype && s.len == split.tokens, "{} holds {} {} tokens, its manifest says {} {}: re-create the folder with `scalpel data tokenize`", path.display(), s.len, s.dtype.name(), split.tokens, m.dtype.name());
+            // The vocabulary check rests on the largest id: scanned, not taken on the manifest's word (a wrong
+            // one let an id past the vocabulary into the forward pass, a libtorch crash).
+            ensure!(t.max_id() == split.max_id, "{} holds ids up to {}, its manifest says {}: re-create the folder with `scalpel data tokenize`", path.display(), t.max_id(), split.max_id);
             Ok((t, path))
         };
         let (train, train_file) = open(&m.train)?;
@@ -417,13 +440,13 @@ mod tests {
     fn token_files_round_trip_in_both_widths() {
         let dir = tempfile::tempdir().unwrap();
         let small: Vec<u32> = (0..100).map(|i| i * 600).collect();
-        let t = Tokens::open_bin(&file(dir.path(), "a.bin", &small, TokenDtype::Uint16), None).unwrap();
+        let t = Tokens::open_bin(&file(dir.path(), "a.bin", &small, TokenDtype::Uint16)).unwrap();
         assert_eq!((t.tokens(), t.max_id()), (100, 59400));
         assert_eq!(ids(&t.windows(10, 100).unwrap())[3], (30..40).map(|i| i * 600).collect::<Vec<i64>>());
         let big: Vec<u32> = vec![5, 70000, 151935, 0];
         let p = file(dir.path(), "b.bin", &big, TokenDtype::Uint32);
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 1024 + 16);
-        let t = Tokens::open_bin(&p, None).unwrap();
+        let t = Tokens::open_bin(&p).unwrap();
         assert_eq!((t.tokens(), t.max_id()), (4, 151935));
         assert_eq!(ids(&t.windows(4, 1).unwrap()), vec![vec![5, 70000, 151935, 0]]);
         // uint16 cannot hold a Llama-3-sized id
@@ -459,26 +482,31 @@ mod tests {
         let p = file(dir.path(), "a.bin", &(0..50).collect::<Vec<u32>>(), TokenDtype::Uint16);
         let full = std::fs::read(&p).unwrap();
         std::fs::write(&p, &full[..full.len() - 3]).unwrap();
-        let err = Tokens::open_bin(&p, None).err().unwrap().to_string();
+        let err = Tokens::open_bin(&p).err().unwrap().to_string();
         assert!(err.contains("truncated") && err.contains("promises 50 tokens"), "{err}");
         std::fs::write(&p, &full[..100]).unwrap();
-        assert!(Tokens::open_bin(&p, None).err().unwrap().to_string().contains("shorter than an llm.c header"));
+        assert!(Tokens::open_bin(&p).err().unwrap().to_string().contains("shorter than an llm.c header"));
         let mut wrong = full.clone();
         wrong[0] ^= 1;
         std::fs::write(&p, &wrong).unwrap();
-        assert!(Tokens::open_bin(&p, None).err().unwrap().to_string().contains("not an llm.c token file"));
+        assert!(Tokens::open_bin(&p).err().unwrap().to_string().contains("not an llm.c token file"));
         let mut empty = full[..1024].to_vec();
         empty[8..12].copy_from_slice(&0i32.to_le_bytes());
         std::fs::write(&p, &empty).unwrap();
-        assert!(Tokens::open_bin(&p, None).err().unwrap().to_string().contains("holds no tokens"));
+        assert!(Tokens::open_bin(&p).err().unwrap().to_string().contains("holds no tokens"));
         assert!(write_token_file(&p, &[], TokenDtype::Uint16).is_err());
+        // A FIFO is refused at once instead of blocking until a writer comes.
+        let fifo = dir.path().join("fifo.bin");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let err = format!("{:#}", Tokens::open_bin(&fifo).err().unwrap());
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]
     fn batches_are_a_pure_function_of_the_step() {
         let dir = tempfile::tempdir().unwrap();
         let p = file(dir.path(), "a.bin", &(0..1000).collect::<Vec<u32>>(), TokenDtype::Uint16);
-        let (a, b) = (Tokens::open_bin(&p, None).unwrap(), Tokens::open_bin(&p, None).unwrap());
+        let (a, b) = (Tokens::open_bin(&p).unwrap(), Tokens::open_bin(&p).unwrap());
         // A resumed run opens the file anew and asks for step 7 first: it must get what the first run got.
         let first = ids(&a.batch(7, 4, 16, 42, true).unwrap());
         for step in [0, 3, 7] {
@@ -555,6 +583,21 @@ mod tests {
         bad.train.tokens = 5;
         std::fs::write(dir.path().join("manifest.json"), serde_json::to_string(&bad).unwrap()).unwrap();
         assert!(Dataset::open(dir.path()).err().unwrap().to_string().contains("its manifest says 5"));
+        // A manifest that understates the largest id, or names a file outside its folder, is caught.
+        let mut bad = m.clone();
+        bad.val.as_mut().unwrap().max_id = 3;
+        std::fs::write(dir.path().join("manifest.json"), serde_json::to_string(&bad).unwrap()).unwrap();
+        let err = Dataset::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("holds ids up to 9, its manifest says 3"), "{err}");
+        let outside = tempfile::tempdir().unwrap();
+        file(outside.path(), "train.bin", &[1, 2, 3, 4], TokenDtype::Uint16);
+        for name in [format!("../{}/train.bin", outside.path().file_name().unwrap().to_string_lossy()), outside.path().join("train.bin").display().to_string(), String::new()] {
+            let mut bad = m.clone();
+            bad.train.file = name.clone();
+            std::fs::write(dir.path().join("manifest.json"), serde_json::to_string(&bad).unwrap()).unwrap();
+            let err = Dataset::open(dir.path()).err().unwrap().to_string();
+            assert!(err.contains("not a file inside"), "{name}: {err}");
+        }
         // A lone .bin is train only.
         let d = Dataset::open(&dir.path().join("val.bin")).unwrap();
         assert!(d.val.is_none() && d.train.tokens() == 2);

@@ -47,13 +47,15 @@ impl Tokenizer {
         })
     }
 
+    /// Text of `ids`; bytes that do not form UTF-8 (a character split across tokens, as a generation cut at
+    /// --max-tokens or a sampled byte token leaves) become U+FFFD, as transformers decodes them.
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
         match self {
             Tokenizer::Hf(t) => {
                 let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
                 t.decode(&ids, false).map_err(|e| anyhow!("detokenizing: {e}"))
             }
-            Tokenizer::Gpt2(t) => Ok(t.decode(&ids.iter().map(|&i| i as u32).collect::<Vec<_>>())?),
+            Tokenizer::Gpt2(t) => Ok(String::from_utf8_lossy(&t.decode_bytes(&ids.iter().map(|&i| i as u32).collect::<Vec<_>>())?).into_owned()),
         }
     }
 
@@ -61,7 +63,7 @@ impl Tokenizer {
     /// conventional one the vocabulary has.
     pub fn eos(&self, dir: &Path) -> Option<i64> {
         let Tokenizer::Hf(t) = self else { return Some(50256) };
-        let config = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+        let config = scalpel_files::read_regular_string(&dir.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
         let named = config.as_ref().and_then(|c| c["eos_token"].as_str().or(c["eos_token"]["content"].as_str()).map(String::from));
         named
             .into_iter()
@@ -103,5 +105,16 @@ mod tests {
         let ids = t.encode("Hello world, this is GPT-2.").unwrap();
         assert_eq!(ids, vec![15496, 995, 11, 428, 318, 402, 11571, 12, 17, 13]);
         assert_eq!(t.decode(&ids).unwrap(), "Hello world, this is GPT-2.");
+    }
+
+    #[test]
+    fn a_character_split_across_tokens_decodes_with_a_replacement_mark() {
+        // The first byte of "é" alone is no UTF-8: a generation cut there once failed with "Unable to decode".
+        let bpe = tiktoken_rs::r50k_base().unwrap();
+        let half = (0..256).find(|&i| bpe.decode_bytes(&[i]).unwrap() == [0xC3]).unwrap() as i64;
+        let t = super::Tokenizer::Gpt2(bpe);
+        let mut ids = t.encode("caf").unwrap();
+        ids.push(half);
+        assert_eq!(t.decode(&ids).unwrap(), "caf\u{FFFD}");
     }
 }

@@ -189,6 +189,20 @@ impl TrainConfig {
         if self.seq > dims.context {
             bail!("--seq {} exceeds the model's context of {} tokens: use --seq {} or less", self.seq, dims.context, dims.context);
         }
+        // A step's token count is kept in a u64, and a micro-batch's float32 logits alone must fit a real device.
+        let step_tokens = (self.batch as u128) * (self.grad_accum as u128) * (self.seq as u128);
+        if step_tokens > u64::MAX as u128 {
+            bail!("--batch {} × --grad-accum {} × --seq {} tokens per step is more than can be counted: lower them", self.batch, self.grad_accum, self.seq);
+        }
+        let logits = (self.batch as u128) * (self.seq as u128) * (dims.vocab as u128) * 4;
+        if logits > MAX_LOGITS_BYTES {
+            bail!(
+                "--batch {} of {} tokens needs {} GiB for its logits alone, more than any device holds: lower --batch (--grad-accum N gives N times larger steps)",
+                self.batch,
+                self.seq,
+                logits >> 30
+            );
+        }
         for (name, v) in [("lr", self.lr), ("min-lr", self.min_lr), ("weight-decay", self.weight_decay), ("clip", self.clip)] {
             if !v.is_finite() || v < 0.0 {
                 bail!("--{name} must be a finite number ≥ 0, found {v}");
@@ -197,6 +211,10 @@ impl TrainConfig {
         Ok(())
     }
 }
+
+/// A micro-batch whose float32 logits exceed this (1 TiB) cannot run anywhere; beyond it the batch buffer
+/// allocation itself aborts the process.
+const MAX_LOGITS_BYTES: u128 = 1 << 40;
 
 pub const SETTINGS: &str = "train.json";
 const CHECKPOINT: &str = "checkpoint";
@@ -285,7 +303,8 @@ pub fn resume(out: &Path, device: Device) -> Result<Summary> {
     }
     // The checkpoint has everything the model was: resuming does not need the model it started from.
     let saved = Checkpoint::open(&ckpt_dir.join("model"))?;
-    let data = open_data(&run, &saved)?;
+    // The settings come from a file anyone may edit: they are checked as a new run's are.
+    let data = check_against(&run, &saved)?;
     let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(ckpt_dir.join(TRAINER_STATE))?).context("reading trainer.json")?;
     let net = Transformer::load(&saved, device, Kind::Float)?;
     let ckpt = saved;
@@ -304,6 +323,8 @@ fn open_data(run: &Run, ckpt: &Checkpoint) -> Result<Dataset> {
     let vocab = ckpt.dims.vocab;
     for (split, tokens) in [("training", Some(&data.train)), ("validation", data.val.as_ref())] {
         if let Some(t) = tokens {
+            // Checked before the run folder exists: a run that cannot draw one window leaves nothing behind.
+            t.fits(run.config.seq).with_context(|| format!("the {split} data"))?;
             if t.max_id() as usize >= vocab {
                 bail!("the {split} data has token id {} but the model's vocabulary has {vocab}: it was tokenized for another model", t.max_id());
             }
