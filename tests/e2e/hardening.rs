@@ -715,13 +715,16 @@ impl Drop for MemoryCap {
 }
 
 #[test]
-fn surgery_on_a_model_far_bigger_than_a_64_mb_memory_cap_completes() {
-    const CAP: u64 = 64 << 20;
-    let Some(cap) = MemoryCap::for_test("surgery_on_a_model_far_bigger_than_a_64_mb_memory_cap_completes", CAP) else { return };
+fn surgery_on_a_model_twice_its_memory_cap_completes() {
+    // libtorch alone holds 59 MB of anonymous memory once its static initialisers have run (measured by
+    // loading libtorch_cpu.so into Python), whatever the command: a 64 MB cap left scalpel about 5 MB of
+    // its own and killed it now and then. 96 MB leaves 37 MB for surgery on a model of 203 MB.
+    const CAP: u64 = 96 << 20;
+    let Some(cap) = MemoryCap::for_test("surgery_on_a_model_twice_its_memory_cap_completes", CAP) else { return };
     let dir = tempfile::tempdir().unwrap();
     let model = synthetic_llama(dir.path(), 8, 768, 2048, 2000);
     let size = std::fs::metadata(model.join("model.safetensors")).unwrap().len();
-    assert!(size > 3 * CAP, "the model ({size} bytes) must dwarf the cap");
+    assert!(size > 2 * CAP, "the model ({size} bytes) must be over twice the cap");
     let out = dir.path().join("grown");
     let mut cmd = scalpel();
     cmd.args(["apply", "-s", "duplicate", "--set", "overlap=2"]).arg(&model).arg("-o").arg(&out);
