@@ -104,6 +104,12 @@ pub fn place_file(src: &Path, dest: &Path) -> Result<()> {
     sync_dir(&split(dest)?.0)
 }
 
+/// Whether `name`, as a file listed by an index or manifest, stays inside the folder that lists it: a
+/// non-empty relative path of plain names (no `..`, no root, no `.`).
+pub fn names_a_file_inside(name: &str) -> bool {
+    !name.is_empty() && Path::new(name).components().all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
 /// Opens `path` for reading only if it is a regular file (symlinks to one are fine). Opening is
 /// non-blocking, so a FIFO is refused instead of waiting forever for a writer.
 pub fn open_regular(path: &Path) -> Result<File> {

@@ -392,7 +392,7 @@ impl Dataset {
         let open = |split: &SplitInfo| -> Result<(Tokens, PathBuf)> {
             // The token files live inside the folder: a name that climbs out of it or is absolute is refused.
             ensure!(
-                !split.file.is_empty() && Path::new(&split.file).components().all(|c| matches!(c, std::path::Component::Normal(_))),
+                scalpel_files::names_a_file_inside(&split.file),
                 "{}'s manifest.json names the token file `{}`, which is not a file inside that folder",
                 dir.display(),
                 split.file

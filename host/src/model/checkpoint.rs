@@ -325,7 +325,7 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         files.sort();
         files.dedup();
         // Shards live inside the model folder: a name that climbs out of it or is absolute is refused.
-        if let Some(bad) = files.iter().find(|f| f.is_empty() || !Path::new(f).components().all(|c| matches!(c, std::path::Component::Normal(_)))) {
+        if let Some(bad) = files.iter().find(|f| !scalpel_files::names_a_file_inside(f)) {
             bail!("{} names the shard `{bad}`, which is not a file inside the model folder", index.display());
         }
         let files: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
