@@ -16,9 +16,15 @@ pub struct Windows {
 /// At most this many sampled calibration tokens (2^28: a thousand times the usual 128 × 2048; 2 GiB of ids).
 const MAX_CALIBRATION_TOKENS: usize = 1 << 28;
 
+/// Windows sampled from text when -n / `sequences` is not given, and their tokens when -t / `tokens` is not.
+pub const DEFAULT_WINDOWS: usize = 100;
+pub const DEFAULT_TOKENS: usize = 100;
+
 pub struct Sampling {
-    pub sequences: usize,
-    pub tokens: usize,
+    /// N, when given: windows sampled from text, or the first N rows of `[N, T]` token ids (none: all of them).
+    pub sequences: Option<usize>,
+    /// T, when given: tokens per sampled window, or the first T of each row of token ids (none: all of them).
+    pub tokens: Option<usize>,
     pub seed: u64,
     /// Prepend the tokenizer's BOS token to every window (the paper does not).
     pub bos: bool,
@@ -29,7 +35,7 @@ impl Windows {
     pub fn load(path: &Path, tokenizer: impl FnOnce() -> Result<Tokenizer>, vocab: usize, s: &Sampling) -> Result<Self> {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         let w = match ext {
-            "safetensors" | "npy" => Self::from_tensor_file(path)?,
+            "safetensors" | "npy" => Self::from_tensor_file(path, s)?,
             _ => Self::from_text(path, &tokenizer()?, s)?,
         };
         let max = w.ids.max().int64_value(&[]);
@@ -40,35 +46,55 @@ impl Windows {
     }
 
     fn from_text(path: &Path, tokenizer: &Tokenizer, s: &Sampling) -> Result<Self> {
-        if s.sequences == 0 || s.tokens < 2 {
-            bail!("calibration needs at least one window of at least 2 tokens (got N={}, T={})", s.sequences, s.tokens);
+        let (sequences, tokens) = (s.sequences.unwrap_or(DEFAULT_WINDOWS), s.tokens.unwrap_or(DEFAULT_TOKENS));
+        if sequences == 0 || tokens < 2 {
+            bail!("calibration needs at least one window of at least 2 tokens (got N={sequences}, T={tokens})");
         }
         // Sampled windows are held whole, as int64 ids and then activations: past this the allocation aborts.
-        if s.sequences.checked_mul(s.tokens).is_none_or(|n| n > MAX_CALIBRATION_TOKENS) {
-            bail!("calibration of N={} windows × T={} tokens is more than scalpel samples (at most {MAX_CALIBRATION_TOKENS} tokens): lower -n or -t", s.sequences, s.tokens);
+        if sequences.checked_mul(tokens).is_none_or(|n| n > MAX_CALIBRATION_TOKENS) {
+            bail!("calibration of N={sequences} windows × T={tokens} tokens is more than scalpel samples (at most {MAX_CALIBRATION_TOKENS} tokens): lower -n or -t");
         }
         let text = scalpel_files::read_regular_string(path).with_context(|| format!("reading calibration text {}", path.display()))?;
         let ids = tokenizer.encode(&text)?;
-        let body = s.tokens - usize::from(s.bos);
+        let body = tokens - usize::from(s.bos);
         if ids.len() < body + 1 {
-            bail!("{} has {} tokens: too short for windows of {} tokens", path.display(), ids.len(), s.tokens);
+            bail!("{} has {} tokens: too short for windows of {tokens} tokens", path.display(), ids.len());
         }
         let all = Tensor::from_slice(&ids);
         tch::manual_seed(s.seed as i64);
-        let starts = Tensor::randint((ids.len() - body + 1) as i64, [s.sequences as i64], (Kind::Int64, tch::Device::Cpu));
+        let starts = Tensor::randint((ids.len() - body + 1) as i64, [sequences as i64], (Kind::Int64, tch::Device::Cpu));
         let offsets = Tensor::arange(body as i64, (Kind::Int64, tch::Device::Cpu));
-        let mut windows = all.index_select(0, &(starts.unsqueeze(1) + offsets.unsqueeze(0)).flatten(0, 1)).reshape([s.sequences as i64, body as i64]);
+        let mut windows = all.index_select(0, &(starts.unsqueeze(1) + offsets.unsqueeze(0)).flatten(0, 1)).reshape([sequences as i64, body as i64]);
         if s.bos {
             let bos = tokenizer.bos().context("--bos was asked for, but the tokenizer has no BOS token")?;
-            windows = Tensor::cat(&[Tensor::full([s.sequences as i64, 1], bos, (Kind::Int64, tch::Device::Cpu)), windows], 1);
+            windows = Tensor::cat(&[Tensor::full([sequences as i64, 1], bos, (Kind::Int64, tch::Device::Cpu)), windows], 1);
         }
-        let source = format!("{} windows of {} tokens from {} (seed {}{})", s.sequences, s.tokens, path.display(), s.seed, if s.bos { ", BOS" } else { "" });
+        let source = format!("{sequences} windows of {tokens} tokens from {} (seed {}{})", path.display(), s.seed, if s.bos { ", BOS" } else { "" });
         Ok(Windows { ids: windows, source })
     }
 
-    fn from_tensor_file(path: &Path) -> Result<Self> {
+    /// The file's `[N, T]` ids, or the first -n rows and -t tokens of each when those are given: asked for
+    /// and not used, they once went unnoticed.
+    fn from_tensor_file(path: &Path, s: &Sampling) -> Result<Self> {
         let ids = read_token_ids(path)?;
-        let source = format!("token ids {:?} from {}", ids.size(), path.display());
+        let (n, t) = (ids.size()[0] as usize, ids.size()[1] as usize);
+        let (want_n, want_t) = (s.sequences.unwrap_or(n), s.tokens.unwrap_or(t));
+        if want_n == 0 || want_t == 0 {
+            bail!("calibration needs at least one window of at least one token (got -n {want_n}, -t {want_t})");
+        }
+        if want_n > n || want_t > t {
+            bail!(
+                "{} holds {n} windows of {t} tokens, fewer than the {want_n} windows of {want_t} asked for (-n, -t; `sequences`, `tokens` in a recipe): ask for at most -n {n} -t {t}, or leave them out to use the whole file",
+                path.display()
+            );
+        }
+        if (want_n, want_t) == (n, t) {
+            let source = format!("token ids {:?} from {}", ids.size(), path.display());
+            return Ok(Windows { ids, source });
+        }
+        eprintln!("note: calibrating on the first {want_n} of the {n} windows in {}, their first {want_t} of {t} tokens (-n, -t)", path.display());
+        let ids = ids.narrow(0, 0, want_n as i64).narrow(1, 0, want_t as i64).contiguous();
+        let source = format!("token ids {:?}, the first of [{n}, {t}], from {}", ids.size(), path.display());
         Ok(Windows { ids, source })
     }
 }
@@ -320,6 +346,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn token_ids_give_the_first_n_windows_of_t_tokens_asked_for() {
+        // -n and -t were silently ignored for a token-id file: the whole [N, T] file calibrated.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ids.safetensors");
+        let ids = Tensor::arange(15, (Kind::Int64, tch::Device::Cpu)).reshape([3, 5]);
+        Tensor::write_safetensors(&[("input_ids", &ids)], &path).unwrap();
+        let text = || bail!("a token-id file needs no tokenizer");
+        let load = |sequences, tokens| Windows::load(&path, text, 100, &Sampling { sequences, tokens, seed: 0, bos: false });
+        assert_eq!(load(None, None).unwrap().ids.size(), [3, 5], "not asked: the whole file");
+        let w = load(Some(2), Some(4)).unwrap();
+        assert_eq!(Vec::<Vec<i64>>::try_from(&w.ids).unwrap(), vec![vec![0, 1, 2, 3], vec![5, 6, 7, 8]]);
+        assert!(w.source.contains("the first of [3, 5]"), "{}", w.source);
+        assert_eq!(load(Some(3), None).unwrap().ids.size(), [3, 5]);
+        for (n, t) in [(Some(4), None), (None, Some(6))] {
+            let e = load(n, t).err().unwrap().to_string();
+            assert!(e.contains("holds 3 windows of 5 tokens") && e.contains("at most -n 3 -t 5"), "{e}");
+        }
+        assert!(load(Some(0), None).err().unwrap().to_string().contains("at least one window"));
+    }
+
+    #[test]
     fn absurd_window_counts_are_refused_before_any_allocation() {
         // -n 100000000000 once panicked in libtorch on an 800 GB allocation; usize::MAX wrapped to a negative size.
         let dir = tempfile::tempdir().unwrap();
@@ -327,10 +374,10 @@ mod tests {
         std::fs::write(&text, "one two three four five six seven eight nine ten").unwrap();
         let gpt2 = || Ok(Tokenizer::Gpt2(tiktoken_rs::r50k_base()?));
         for (sequences, tokens) in [(100_000_000_000, 16), (usize::MAX, 2), (2, usize::MAX)] {
-            let err = Windows::load(&text, gpt2, 50257, &Sampling { sequences, tokens, seed: 0, bos: false }).err().unwrap().to_string();
+            let err = Windows::load(&text, gpt2, 50257, &Sampling { sequences: Some(sequences), tokens: Some(tokens), seed: 0, bos: false }).err().unwrap().to_string();
             assert!(err.contains("more than scalpel samples"), "{err}");
         }
-        let w = Windows::load(&text, gpt2, 50257, &Sampling { sequences: 3, tokens: 4, seed: 0, bos: false }).unwrap();
+        let w = Windows::load(&text, gpt2, 50257, &Sampling { sequences: Some(3), tokens: Some(4), seed: 0, bos: false }).unwrap();
         assert_eq!(w.ids.size(), [3, 4]);
     }
 }

@@ -361,12 +361,12 @@ struct CalibArgs {
     /// Calibration data: a text file, or [N, T] token ids (.safetensors / .npy).
     #[arg(long)]
     calib: Option<PathBuf>,
-    /// Windows to sample (N).
-    #[arg(short = 'n', long, default_value_t = 100)]
-    sequences: usize,
-    /// Tokens per window (T).
-    #[arg(short = 't', long, default_value_t = 100)]
-    tokens: usize,
+    /// Windows to sample (N) [default: 100]; of [N, T] token ids, the first N (default: all).
+    #[arg(short = 'n', long)]
+    sequences: Option<usize>,
+    /// Tokens per window (T) [default: 100]; of [N, T] token ids, the first T of each (default: all).
+    #[arg(short = 't', long)]
+    tokens: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Prepend BOS to each window (the paper does not).
@@ -517,7 +517,7 @@ pub fn parse() -> Result<Job> {
                 grow_with,
                 grow_config: settings_table(&grow_sets)?,
             };
-            let calibration = calib.map(|file| Calibration { file, sequences: 100, tokens: 100, seed: 0, bos: false });
+            let calibration = calib.map(|file| Calibration { file, sequences: None, tokens: None, seed: 0, bos: false });
             let step = Step::train(train);
             let recipe = Recipe { model: reference, data, val, output, calibration, device: cli.device.clone(), inheritune: Some(method), steps: vec![step], ..Recipe::default() };
             let out = OutputArgs { output: None, dry_run: false, force };
@@ -529,7 +529,7 @@ pub fn parse() -> Result<Job> {
             recipe.data = data.or(recipe.data);
             recipe.output = out.output.clone().or(recipe.output);
             if let Some(file) = calib {
-                let c = recipe.calibration.get_or_insert(Calibration { file: file.clone(), sequences: 100, tokens: 100, seed: 0, bos: false });
+                let c = recipe.calibration.get_or_insert(Calibration { file: file.clone(), sequences: None, tokens: None, seed: 0, bos: false });
                 c.file = file;
             }
             recipe.device = cli.device.clone().or(recipe.device);

@@ -119,13 +119,14 @@ pub fn run(c: &Compare, registry: &Registry, progress: &dyn Fn(&str)) -> Result<
     let ckpt = Checkpoint::open(&c.model)?;
     if let Some((config, data)) = &c.heal {
         let run = heal_run(&c.model, data, &c.output, config)?;
-        train::check_against(&run, &ckpt)?;
+        train::check_against(&run, &ckpt, train::Spelling::HealSet)?;
     }
-    let (eval_ids, first) = eval_windows(&ckpt, &c.eval, c.eval_tokens, c.eval_windows)?;
+    let (eval_ids, first) = eval_windows(&ckpt, &c.eval, c.eval_tokens, c.eval_windows, "--eval-tokens")?;
     let windows = match &c.calibration {
         Some(cal) => Windows::load(&cal.file, || Tokenizer::for_model(&c.model, &ckpt.arch.family), ckpt.dims.vocab, &c.sampling)?,
         None => {
-            let (n, t) = (c.sampling.sequences.min(eval_ids.size()[0] as usize), c.sampling.tokens.min(c.eval_tokens));
+            let n = c.sampling.sequences.unwrap_or(crate::calib::DEFAULT_WINDOWS).min(eval_ids.size()[0] as usize);
+            let t = c.sampling.tokens.unwrap_or(crate::calib::DEFAULT_TOKENS).min(c.eval_tokens);
             let ids = eval_ids.narrow(0, 0, n as i64).narrow(1, 0, t as i64).contiguous();
             Windows { ids, source: format!("the first {n} evaluation windows, their first {t} tokens") }
         }

@@ -259,7 +259,7 @@ fn start(s: &Settings, force: bool, progress: &dyn Fn(&str)) -> Result<State> {
     // Every round trains on this data with these settings, and a round's model has the reference's vocabulary and
     // context: checked here, a bad id or a too-short file no longer fails round 1 inside a run folder already made.
     let run = train::Run { model: s.reference.clone(), data: s.data.clone(), val: s.val.clone(), output: s.output.clone(), config: s.train.clone() };
-    let data = train::check_against(&run, &reference)?;
+    let data = train::check_against(&run, &reference, train::Spelling::Flags)?;
     let val = data.val.context("inheritune compares validation losses: the data has no validation split; give --val DATA")?;
     if let StartAt::Layers(l) = s.method.start {
         if l == 0 || l > reference.dims.layers {
@@ -310,7 +310,7 @@ fn round_recipe(s: &Settings, state: &State, dir: &Path) -> Result<Recipe> {
                     // The strategy's own rule on the reference's profile (the analyzers it needs run first),
                     // L/2 when it finds nothing.
                     let file = s.calib.clone().unwrap_or_else(|| s.output.join("calibration.safetensors"));
-                    recipe.calibration = Some(Calibration { file, sequences: 100, tokens: 100, seed: 0, bos: false });
+                    recipe.calibration = Some(Calibration { file, sequences: None, tokens: None, seed: 0, bos: false });
                     if config.get("fallback").is_none() {
                         config["fallback"] = json!("half");
                     }

@@ -204,7 +204,7 @@ impl EvalData {
 }
 
 pub fn eval(ckpt: &Checkpoint, device: Device, data: &EvalData, tokens: usize, max_windows: usize, json: bool) -> Result<()> {
-    let (windows, first) = eval_windows(ckpt, data, tokens, max_windows)?;
+    let (windows, first) = eval_windows(ckpt, data, tokens, max_windows, "--tokens")?;
     let net = Transformer::load(ckpt, device, Kind::Float)?;
     let (mean, count) = mean_nll(&net, &windows, first)?;
     let n = windows.size()[0];
@@ -217,22 +217,24 @@ pub fn eval(ckpt: &Checkpoint, device: Device, data: &EvalData, tokens: usize, m
 }
 
 /// The evaluation windows `[n, tokens]` of `data` for this model, and the first position that is predicted
-/// from (1 when a BOS leads every window: it is context only, never a target).
-pub fn eval_windows(ckpt: &Checkpoint, data: &EvalData, tokens: usize, max_windows: usize) -> Result<(Tensor, i64)> {
+/// from (1 when a BOS leads every window: it is context only, never a target). `option` names how the user
+/// sets `tokens` (`eval --tokens`, `compare --eval-tokens`), for the messages.
+pub fn eval_windows(ckpt: &Checkpoint, data: &EvalData, tokens: usize, max_windows: usize, option: &str) -> Result<(Tensor, i64)> {
     if tokens < 2 {
-        bail!("--tokens {tokens}: a window needs at least 2 tokens (one to predict from, one to predict)");
+        bail!("{option} {tokens}: a window needs at least 2 tokens (one to predict from, one to predict)");
     }
     if tokens > ckpt.dims.context {
-        bail!("--tokens {tokens} exceeds the model's context of {} tokens", ckpt.dims.context);
+        bail!("{option} {tokens} exceeds the model's context of {} tokens", ckpt.dims.context);
     }
     let max_windows = if max_windows == 0 { usize::MAX } else { max_windows };
     // Position t predicts token t+1; a BOS is context only, never a target.
     let (windows, first) = match data {
-        EvalData::Text { bos: true, .. } if tokens < 3 => bail!("--tokens {tokens} with --bos: a window needs the BOS token and at least 2 more"),
+        EvalData::Text { bos: true, .. } if tokens < 3 => bail!("{option} {tokens} with --bos: a window needs the BOS token and at least 2 more"),
         EvalData::Text { path, bos } => (text_windows(ckpt, path, tokens, max_windows, *bos)?, i64::from(*bos)),
         EvalData::Tokens(path) => {
             let data = crate::data::Dataset::open(path)?;
             let split = data.val.as_ref().unwrap_or(&data.train);
+            split.fits(tokens, option)?;
             (split.windows(tokens, max_windows)?, 0)
         }
     };

@@ -127,7 +127,7 @@ pub fn prepare<'r>(recipe: &'r Recipe, opts: &Options) -> Result<Prepared<'r>> {
     let ckpt = Checkpoint::open(model_dir)?;
     if let Some(config) = recipe.steps.iter().find_map(|s| s.train.clone()) {
         // Surgery keeps the vocabulary and the context, so the input tells whether training can run.
-        train::check_against(&train_run(recipe, recipe.model.clone(), recipe.output.clone(), config)?, &ckpt)?;
+        train::check_against(&train_run(recipe, recipe.model.clone(), recipe.output.clone(), config)?, &ckpt, train::Spelling::Flags)?;
     }
     if let Some(out) = &recipe.output {
         check_output_outside(out, model_dir)?;

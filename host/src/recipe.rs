@@ -53,19 +53,17 @@ pub enum Regime {
 pub struct Calibration {
     /// A text file (windows are sampled from it), or `[N, T]` token ids as .safetensors / .npy.
     pub file: PathBuf,
-    #[serde(default = "hundred")]
-    pub sequences: usize,
-    #[serde(default = "hundred")]
-    pub tokens: usize,
+    /// Windows sampled from text (default 100); of `[N, T]` token ids, the first N rows (default all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequences: Option<usize>,
+    /// Tokens per sampled window (default 100); of token ids, the first T of each row (default all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<usize>,
     #[serde(default)]
     pub seed: u64,
     /// Prepend BOS to each window (the paper does not).
     #[serde(default)]
     pub bos: bool,
-}
-
-fn hundred() -> usize {
-    100
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -15,6 +15,8 @@ use std::sync::{Mutex, OnceLock};
 use tch::{Kind, Tensor};
 
 const HEADER_INTS: usize = 256;
+/// The window length in a guard's message: every caller checks `fits` first with the option its user sets.
+const WINDOW: &str = "the window length";
 pub const HEADER_BYTES: usize = HEADER_INTS * 4;
 
 /// How token ids are stored, which fixes the header's magic and version.
@@ -211,7 +213,7 @@ impl Tokens {
         let first = step.checked_mul(batch as u64).context("step * batch overflows")?;
         match &self.store {
             Store::Stream(s) => {
-                self.fits(seq)?;
+                self.fits(seq, WINDOW)?;
                 if shuffle {
                     let mut rng = ChaCha8Rng::seed_from_u64(seed);
                     rng.set_stream(step);
@@ -223,7 +225,7 @@ impl Tokens {
                 }
             }
             Store::Rows(t) => {
-                self.fits(seq)?;
+                self.fits(seq, WINDOW)?;
                 let n = t.size()[0] as u64;
                 let mut cache = self.permutation.lock().unwrap();
                 let mut rows = Vec::with_capacity(batch);
@@ -243,13 +245,14 @@ impl Tokens {
         }
     }
 
-    /// Refuses windows of `seq` tokens that this data cannot give even once.
-    pub fn fits(&self, seq: usize) -> Result<()> {
+    /// Refuses windows of `seq` tokens that this data cannot give even once; `option` names how the user sets
+    /// `seq` (`--seq`, `--eval-tokens`, …), so that the message says what to change.
+    pub fn fits(&self, seq: usize, option: &str) -> Result<()> {
         match &self.store {
-            Store::Stream(s) => ensure!(s.len >= seq, "the token file holds {} tokens, fewer than one window of {seq}: use shorter windows (train --seq, eval --tokens) or more text", s.len),
+            Store::Stream(s) => ensure!(s.len >= seq, "the token file holds {} tokens, fewer than one window of {seq}: set {option} to {} or less, or give more text", s.len, s.len),
             Store::Rows(t) => {
                 let width = t.size()[1] as usize;
-                ensure!(seq <= width, "the token rows are {width} tokens long, shorter than windows of {seq}: use windows of {width} tokens or less (train --seq, eval --tokens)");
+                ensure!(seq <= width, "the token rows are {width} tokens long, shorter than windows of {seq}: set {option} to {width} or less");
             }
         }
         Ok(())
@@ -274,7 +277,7 @@ impl Tokens {
         ensure!(seq > 0 && max > 0, "validation needs at least one window of one token (got seq {seq}, max {max})");
         match &self.store {
             Store::Stream(s) => {
-                self.fits(seq)?;
+                self.fits(seq, WINDOW)?;
                 let n = (s.len / seq).min(max);
                 let mut out = Vec::with_capacity(n * seq);
                 for w in 0..n {
@@ -283,7 +286,7 @@ impl Tokens {
                 Ok(Tensor::from_slice(&out).reshape([n as i64, seq as i64]))
             }
             Store::Rows(t) => {
-                self.fits(seq)?;
+                self.fits(seq, WINDOW)?;
                 let n = t.size()[0];
                 // In usize: `max` may be usize::MAX ("all"), which is -1 as an i64.
                 let keep = (n as usize).min(max) as i64;
@@ -454,6 +457,19 @@ mod tests {
         assert_eq!(TokenDtype::for_vocab(50257), TokenDtype::Uint16);
         assert_eq!(TokenDtype::for_vocab(65536), TokenDtype::Uint16);
         assert_eq!(TokenDtype::for_vocab(65537), TokenDtype::Uint32);
+    }
+
+    #[test]
+    fn data_too_short_for_one_window_names_the_option_the_caller_gave() {
+        // compare sets the window as `--heal-set seq=`: a hint naming `--seq` sent its users to a flag it has not.
+        let dir = tempfile::tempdir().unwrap();
+        let stream = Tokens::open_bin(&file(dir.path(), "a.bin", &[1, 2, 3, 4, 5], TokenDtype::Uint16)).unwrap();
+        let rows = Tokens::from_rows(Tensor::zeros([2, 4], (Kind::Int64, tch::Device::Cpu))).unwrap();
+        assert!(stream.fits(5, "--seq").is_ok() && rows.fits(4, "--seq").is_ok());
+        let e = stream.fits(6, "--heal-set seq").unwrap_err().to_string();
+        assert!(e.contains("holds 5 tokens") && e.contains("set --heal-set seq to 5 or less") && !e.contains("--seq"), "{e}");
+        let e = rows.fits(8, "--eval-tokens").unwrap_err().to_string();
+        assert!(e.contains("4 tokens long") && e.contains("set --eval-tokens to 4 or less") && !e.contains("--seq"), "{e}");
     }
 
     #[test]

@@ -176,39 +176,71 @@ impl TrainConfig {
         }
     }
 
-    /// Refuses settings that cannot train `dims`' model, before anything is written.
-    pub fn check(&self, dims: &Dims) -> Result<()> {
-        for (name, v) in [("steps", self.steps), ("batch", self.batch as u64), ("grad-accum", self.grad_accum as u64), ("eval-windows", self.eval_windows as u64)] {
+    /// Refuses settings that cannot train `dims`' model, before anything is written; messages name the
+    /// settings as `spelling` says the user sets them.
+    pub fn check(&self, dims: &Dims, spelling: Spelling) -> Result<()> {
+        let name = |key: &str| spelling.name(key);
+        for (key, v) in [("steps", self.steps), ("batch", self.batch as u64), ("grad_accum", self.grad_accum as u64), ("eval_windows", self.eval_windows as u64)] {
             if v < 1 {
-                bail!("--{name} must be at least 1");
+                bail!("{} must be at least 1", name(key));
             }
         }
+        let set = |key: &str, value: &dyn std::fmt::Display| spelling.set(key, value);
         if self.seq < 2 {
-            bail!("--seq {}: a window needs at least 2 tokens", self.seq);
+            bail!("{}: a window needs at least 2 tokens", set("seq", &self.seq));
         }
         if self.seq > dims.context {
-            bail!("--seq {} exceeds the model's context of {} tokens: use --seq {} or less", self.seq, dims.context, dims.context);
+            bail!("{} exceeds the model's context of {} tokens: set {} or less", set("seq", &self.seq), dims.context, set("seq", &dims.context));
         }
         // A step's token count is kept in a u64, and a micro-batch's float32 logits alone must fit a real device.
         let step_tokens = (self.batch as u128) * (self.grad_accum as u128) * (self.seq as u128);
         if step_tokens > u64::MAX as u128 {
-            bail!("--batch {} × --grad-accum {} × --seq {} tokens per step is more than can be counted: lower them", self.batch, self.grad_accum, self.seq);
+            bail!("{} × {} × {} tokens per step is more than can be counted: lower them", set("batch", &self.batch), set("grad_accum", &self.grad_accum), set("seq", &self.seq));
         }
         let logits = (self.batch as u128) * (self.seq as u128) * (dims.vocab as u128) * 4;
         if logits > MAX_LOGITS_BYTES {
             bail!(
-                "--batch {} of {} tokens needs {} GiB for its logits alone, more than any device holds: lower --batch (--grad-accum N gives N times larger steps)",
-                self.batch,
+                "{} of {} tokens needs {} GiB for its logits alone, more than any device holds: lower {} ({} gives N times larger steps)",
+                set("batch", &self.batch),
                 self.seq,
-                logits >> 30
+                logits >> 30,
+                name("batch"),
+                set("grad_accum", &"N")
             );
         }
-        for (name, v) in [("lr", self.lr), ("min-lr", self.min_lr), ("weight-decay", self.weight_decay), ("clip", self.clip)] {
+        for (key, v) in [("lr", self.lr), ("min_lr", self.min_lr), ("weight_decay", self.weight_decay), ("clip", self.clip)] {
             if !v.is_finite() || v < 0.0 {
-                bail!("--{name} must be a finite number ≥ 0, found {v}");
+                bail!("{} must be a finite number ≥ 0, found {v}", name(key));
             }
         }
         Ok(())
+    }
+}
+
+/// How the user sets the training settings, so that a message names the option they can change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spelling {
+    /// `scalpel train --seq 64` (and a recipe's or train.json's `seq = 64`, which mirrors the flag).
+    Flags,
+    /// `scalpel compare --heal-set seq=64`.
+    HealSet,
+}
+
+impl Spelling {
+    /// How the user names the setting `key` (a `TrainConfig` field).
+    pub fn name(self, key: &str) -> String {
+        match self {
+            Spelling::Flags => format!("--{}", key.replace('_', "-")),
+            Spelling::HealSet => format!("--heal-set {key}"),
+        }
+    }
+
+    /// How the user writes the setting `key` with `value`: `--seq 64`, `--heal-set seq=64`.
+    pub fn set(self, key: &str, value: &dyn std::fmt::Display) -> String {
+        match self {
+            Spelling::Flags => format!("{} {value}", self.name(key)),
+            Spelling::HealSet => format!("{}={value}", self.name(key)),
+        }
     }
 }
 
@@ -259,14 +291,14 @@ pub fn start(run: &Run, device: Device, force: bool) -> Result<Summary> {
 /// The model and data of a run, with every setting checked against them.
 pub fn check(run: &Run) -> Result<(Checkpoint, Dataset)> {
     let ckpt = Checkpoint::open(&run.model)?;
-    let data = check_against(run, &ckpt)?;
+    let data = check_against(run, &ckpt, Spelling::Flags)?;
     Ok((ckpt, data))
 }
 
 /// The settings checked against an opened model (the run's, or one with its vocabulary and context), and the data.
-pub fn check_against(run: &Run, ckpt: &Checkpoint) -> Result<Dataset> {
-    run.config.check(&ckpt.dims)?;
-    open_data(run, ckpt)
+pub fn check_against(run: &Run, ckpt: &Checkpoint, spelling: Spelling) -> Result<Dataset> {
+    run.config.check(&ckpt.dims, spelling)?;
+    open_data(run, ckpt, spelling)
 }
 
 /// The network a run starts from: the model's weights, or the seeded fresh initialisation of its config.
@@ -304,7 +336,7 @@ pub fn resume(out: &Path, device: Device) -> Result<Summary> {
     // The checkpoint has everything the model was: resuming does not need the model it started from.
     let saved = Checkpoint::open(&ckpt_dir.join("model"))?;
     // The settings come from a file anyone may edit: they are checked as a new run's are.
-    let data = check_against(&run, &saved)?;
+    let data = check_against(&run, &saved, Spelling::Flags)?;
     let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(ckpt_dir.join(TRAINER_STATE))?).context("reading trainer.json")?;
     let net = Transformer::load(&saved, device, Kind::Float)?;
     let ckpt = saved;
@@ -315,7 +347,7 @@ pub fn resume(out: &Path, device: Device) -> Result<Summary> {
     train(&run, out, &ckpt, net, opt, &data, state)
 }
 
-fn open_data(run: &Run, ckpt: &Checkpoint) -> Result<Dataset> {
+fn open_data(run: &Run, ckpt: &Checkpoint, spelling: Spelling) -> Result<Dataset> {
     let mut data = Dataset::open(&run.data)?;
     if let Some(val) = &run.val {
         data.val = Some(Dataset::open(val)?.train);
@@ -324,7 +356,7 @@ fn open_data(run: &Run, ckpt: &Checkpoint) -> Result<Dataset> {
     for (split, tokens) in [("training", Some(&data.train)), ("validation", data.val.as_ref())] {
         if let Some(t) = tokens {
             // Checked before the run folder exists: a run that cannot draw one window leaves nothing behind.
-            t.fits(run.config.seq).with_context(|| format!("the {split} data"))?;
+            t.fits(run.config.seq, &spelling.name("seq")).with_context(|| format!("the {split} data"))?;
             if t.max_id() as usize >= vocab {
                 bail!("the {split} data has token id {} but the model's vocabulary has {vocab}: it was tokenized for another model", t.max_id());
             }
@@ -411,7 +443,12 @@ fn train(run: &Run, out: &Path, ckpt: &Checkpoint, mut net: Transformer, mut opt
     let train_curve = plots::Curve { label: "training".into(), points: logged.iter().map(|&(s, l, _)| (s as f64, l)).collect() };
     let val_curve = plots::Curve { label: "validation".into(), points: logged.iter().filter_map(|&(s, _, v)| Some((s as f64, v?))).collect() };
     let curves: Vec<plots::Curve> = [train_curve, val_curve].into_iter().filter(|c| !c.points.is_empty()).collect();
-    plots::loss_curves(&curves, &[], &format!("{}: training loss", crate::pipeline::model_name(&run.model)), out, "loss")?;
+    if curves.is_empty() {
+        // Only when resuming a finished run whose log was unreadable (open_log said which lines): the model is done.
+        eprintln!("warning: {} holds no losses: no loss curve drawn", out.join(LOG).display());
+    } else {
+        plots::loss_curves(&curves, &[], &format!("{}: training loss", crate::pipeline::model_name(&run.model)), out, "loss")?;
+    }
     eprintln!(
         "trained {} steps ({} tokens) in {:.1} s: loss {last_loss:.4}{}",
         state.step,
@@ -443,29 +480,53 @@ pub fn validation_loss(net: &Transformer, windows: &Tensor, batch: usize) -> Res
     Ok(sum / n.max(1) as f64)
 }
 
-/// The log, cut back to the steps the checkpoint holds (a killed run may have logged steps past it).
+/// The log, cut back to the steps the checkpoint holds: a killed run may have logged steps past it, the last
+/// line perhaps torn. Any other line that is no log entry (an edit, a disk error) is dropped with a warning
+/// naming it: the log only draws the loss curve, so it never stops a run.
 fn open_log(out: &Path, step: u64) -> Result<std::fs::File> {
     let path = out.join(LOG);
-    let kept: Vec<String> = match std::fs::read_to_string(&path) {
-        Ok(text) => text
-            .lines()
-            .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
-            .map(|l| format!("{l}\n"))
-            .collect(),
-        Err(_) => vec![],
+    let (kept, unreadable) = match std::fs::read(&path) {
+        Ok(bytes) => cut_log(&bytes, step),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (vec![], vec![]),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    scalpel_files::write_file(&path, kept.concat().as_bytes())?;
+    if !unreadable.is_empty() {
+        let numbers: Vec<String> = unreadable.iter().map(|n| n.to_string()).collect();
+        let what = if numbers.len() == 1 { format!("line {} is not a log entry", numbers[0]) } else { format!("lines {} are not log entries", numbers.join(", ")) };
+        eprintln!("warning: {}: {what} (one JSON object with a step and a loss per line): dropped, so the loss curve lacks it", path.display());
+    }
+    scalpel_files::write_file(&path, &kept)?;
     Ok(std::fs::OpenOptions::new().append(true).open(&path)?)
+}
+
+/// The lines of a log up to checkpoint step `step`, and the numbers (from 1) of the lines that are no log
+/// entry, other than a last one a kill tore (it has no newline) and blank ones.
+fn cut_log(bytes: &[u8], step: u64) -> (Vec<u8>, Vec<usize>) {
+    let (mut kept, mut unreadable) = (Vec::new(), Vec::new());
+    for (i, line) in bytes.split_inclusive(|&b| b == b'\n').enumerate() {
+        match log_entry(line) {
+            Some((s, ..)) if s <= step => {
+                kept.extend_from_slice(line.trim_ascii_end());
+                kept.push(b'\n');
+            }
+            Some(_) => {}
+            None if !line.ends_with(b"\n") || line.trim_ascii().is_empty() => {}
+            None => unreadable.push(i + 1),
+        }
+    }
+    (kept, unreadable)
+}
+
+/// `(step, loss, val_loss)` of one line of a log, if it is an entry.
+fn log_entry(line: &[u8]) -> Option<(u64, f64, Option<f64>)> {
+    let v: Value = serde_json::from_slice(line).ok()?;
+    Some((v["step"].as_u64()?, v["loss"].as_f64()?, v["val_loss"].as_f64()))
 }
 
 /// `(step, loss, val_loss)` of every logged step.
 pub fn read_log(out: &Path) -> Result<Vec<(u64, f64, Option<f64>)>> {
-    let text = std::fs::read_to_string(out.join(LOG)).with_context(|| format!("reading {}", out.join(LOG).display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()?, v["val_loss"].as_f64())))
-        .collect())
+    let bytes = std::fs::read(out.join(LOG)).with_context(|| format!("reading {}", out.join(LOG).display()))?;
+    Ok(bytes.split(|&b| b == b'\n').filter_map(log_entry).collect())
 }
 
 /// Weights, optimizer and trainer state, replaced as one folder: a kill leaves the old or the new.
@@ -508,4 +569,41 @@ fn record(run: &Run, data: &Dataset) -> Result<Value> {
     }))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
 
+    fn entry(step: u64) -> String {
+        format!("{}\n", json!({ "step": step, "loss": 4.5, "lr": 1e-4 }))
+    }
+
+    #[test]
+    fn settings_are_named_as_the_caller_spells_them() {
+        // compare takes them as `--heal-set seq=`: a message naming `--seq` sent its users to a flag it has not.
+        let dims = Dims { layers: 2, heads: 2, kv_heads: 2, d_model: 8, head_dim: 4, vocab: 100, context: 128, intermediate: 16 };
+        let config = TrainConfig { seq: 200, ..TrainConfig::default() };
+        let e = config.check(&dims, Spelling::Flags).unwrap_err().to_string();
+        assert!(e.contains("--seq 200 exceeds") && e.contains("set --seq 128 or less"), "{e}");
+        let e = config.check(&dims, Spelling::HealSet).unwrap_err().to_string();
+        assert!(e.contains("--heal-set seq=200 exceeds") && e.contains("set --heal-set seq=128 or less") && !e.contains("--seq"), "{e}");
+        let e = TrainConfig { grad_accum: 0, ..TrainConfig::default() }.check(&dims, Spelling::HealSet).unwrap_err().to_string();
+        assert!(e.contains("--heal-set grad_accum must be at least 1"), "{e}");
+        assert!(TrainConfig { seq: 128, ..TrainConfig::default() }.check(&dims, Spelling::HealSet).is_ok());
+    }
+
+    #[test]
+    fn a_log_with_unreadable_lines_is_cut_with_them_named() {
+        // Resuming a finished run whose log held garbage once failed drawing the loss curve, after the work.
+        let torn = &entry(3)[..20];
+        let log = format!("not json\n{}\u{7f}\n\n{}{{\"step\": 2}}\n{}{torn}", entry(1), entry(2), entry(3));
+        let mut bytes = log.into_bytes();
+        bytes.splice(0..0, [0xff, b'\n']);
+        let (kept, unreadable) = cut_log(&bytes, 2);
+        assert_eq!(String::from_utf8(kept).unwrap(), entry(1) + &entry(2), "the entries up to the checkpoint, nothing else");
+        // Not the blank line 5, the step past the checkpoint (8) or the torn last line (9): a kill leaves those.
+        assert_eq!(unreadable, vec![1, 2, 4, 7]);
+        // The realistic case, a kill mid-write, cuts silently.
+        let (kept, unreadable) = cut_log((entry(1) + torn).as_bytes(), 1);
+        assert_eq!((String::from_utf8(kept).unwrap(), unreadable), (entry(1), vec![]));
+    }
+}
