@@ -191,8 +191,20 @@ pub fn load_plugin(path: &Path) -> Result<Plugin> {
 /// A library without the root-module symbol is not a scalpel plugin; say so plainly.
 fn ensure_root_module_symbol(path: &Path) -> Result<()> {
     // SAFETY: loading runs the library's initialisers; plugin files are trusted code by design.
-    let lib = unsafe { libloading::Library::new(path) }
-        .map_err(|e| anyhow!("{}: cannot be loaded as a shared library: {e}", path.display()))?;
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        // libloading says only "dlopen failed": dlerror's reason (not an ELF file, an undefined symbol, a missing
+        // dependency) is its source, and it is what tells a user what is wrong.
+        let reason = std::error::Error::source(&e).map_or_else(|| e.to_string(), |why| why.to_string());
+        // dlerror starts with the path, which the message already names.
+        let reason = reason.strip_prefix(&format!("{}: ", path.display())).unwrap_or(&reason);
+        anyhow!(
+            "{}: cannot be loaded as a shared library: {reason}; a plugin is a cdylib built for this machine against \
+             scalpel-sdk {} and libtorch {}: rebuild it, or take it off the plugin path",
+            path.display(),
+            scalpel_sdk::SDK_VERSION,
+            scalpel_sdk::LIBTORCH_VERSION
+        )
+    })?;
     let has_root = unsafe { lib.get::<*const ()>(abi_stable::library::ROOT_MODULE_LOADER_NAME_WITH_NUL.as_bytes()) }.is_ok();
     std::mem::forget(lib); // never unload: see scalpel_sdk::abi
     if !has_root {

@@ -109,9 +109,30 @@ fn two_plugins_exporting_the_same_item() {
 #[test]
 fn a_file_that_is_not_a_library_at_all() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("libscalpel_plugin_text.so"), "not an ELF file\n").unwrap();
+    // Longer than an ELF header, so that the loader reads it and says why it is none.
+    std::fs::write(dir.path().join("libscalpel_plugin_text.so"), "not an ELF file\n".repeat(8)).unwrap();
     let out = run(scalpel().arg("--plugins").arg(dir.path()).args(["plugins", "--json"])).success();
-    assert!(out.stderr.contains("libscalpel_plugin_text.so") && out.stderr.contains("cannot be loaded as a shared library"), "{}", out.stderr);
+    // dlerror's reason was once dropped for libloading's bare "dlopen failed".
+    for part in ["libscalpel_plugin_text.so", "cannot be loaded as a shared library", "invalid ELF header", "rebuild it"] {
+        assert!(out.stderr.contains(part), "`{part}` in:\n{}", out.stderr);
+    }
+}
+
+#[test]
+fn a_library_with_an_undefined_symbol_says_which() {
+    // What a plugin linked against another libtorch looks like to the loader: a symbol this process lacks.
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("undefined.c");
+    std::fs::write(&source, "extern int scalpel_no_such_symbol(void);\nint f(void) { return scalpel_no_such_symbol(); }\n").unwrap();
+    let lib = dir.path().join("libscalpel_plugin_undefined.so");
+    // Bound at load time, as Rust links cdylibs (-z now): C's lazy binding would load it and fail only on a call.
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let built = std::process::Command::new(&cc).args(["-shared", "-fPIC", "-Wl,-z,now", "-o"]).arg(&lib).arg(&source).status();
+    assert!(built.is_ok_and(|s| s.success()), "{cc} (the C compiler torch-sys builds with) could not build the test library");
+    let out = run(scalpel().arg("--plugins").arg(&lib).args(["plugins", "--json"])).success();
+    for part in ["libscalpel_plugin_undefined.so", "undefined symbol: scalpel_no_such_symbol", "rebuild it"] {
+        assert!(out.stderr.contains(part), "`{part}` in:\n{}", out.stderr);
+    }
 }
 
 #[test]
