@@ -361,10 +361,10 @@ struct CalibArgs {
     /// Calibration data: a text file, or [N, T] token ids (.safetensors / .npy).
     #[arg(long)]
     calib: Option<PathBuf>,
-    /// Windows to sample (N) [default: 100]; of [N, T] token ids, the first N (default: all).
+    /// Windows sampled from text (N, default 100); of [N, T] token ids, the first N (default all).
     #[arg(short = 'n', long)]
     sequences: Option<usize>,
-    /// Tokens per window (T) [default: 100]; of [N, T] token ids, the first T of each (default: all).
+    /// Tokens per window sampled from text (T, default 100); of [N, T] token ids, the first T of each (default all).
     #[arg(short = 't', long)]
     tokens: Option<usize>,
     #[arg(long, default_value_t = 0)]

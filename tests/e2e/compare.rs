@@ -108,3 +108,26 @@ fn compare_refuses_what_it_cannot_compare_before_writing() {
     assert!(attempt(&[trains]).stderr.contains("--heal-steps"));
     assert!(!out.exists(), "nothing written");
 }
+
+#[test]
+fn compare_names_its_own_options_for_windows_the_data_cannot_give() {
+    // Too long for the data, compare's windows were refused naming train's --seq and eval's --tokens, flags
+    // compare does not have: it takes them as --heal-set seq=N and --eval-tokens N.
+    let dir = tempfile::tempdir().unwrap();
+    let cutoff = recipe(dir.path(), "cut", "[[step]]\nstrategy = \"cutoff\"\nconfig = { keep = 2 }\n");
+    let batches = repo().join("tests/data/train/tiny-llama-batches.safetensors");
+    let out = dir.path().join("cmp");
+    let attempt = |args: &[&str]| {
+        let mut cmd = scalpel();
+        cmd.arg("compare").arg(tiny("tiny-llama")).arg("--recipes").arg(&cutoff).arg("--eval").arg(&batches).arg("--data").arg(&batches);
+        run(cmd.args(args).arg("-o").arg(&out)).failure().stderr
+    };
+    // The rows are 32 tokens long; the model's context is 128.
+    let e = attempt(&["--eval-tokens", "32", "--heal-steps", "1", "--heal-set", "seq=64"]);
+    assert!(e.contains("shorter than windows of 64") && e.contains("set --heal-set seq to 32 or less") && !e.contains("--seq"), "{e}");
+    let e = attempt(&["--eval-tokens", "32", "--heal-steps", "1", "--heal-set", "seq=200"]);
+    assert!(e.contains("--heal-set seq=200 exceeds the model's context") && !e.contains("--seq"), "{e}");
+    let e = attempt(&["--eval-tokens", "64"]);
+    assert!(e.contains("set --eval-tokens to 32 or less") && !e.contains("--tokens,") && !e.contains("(train"), "{e}");
+    assert!(!out.exists(), "nothing written");
+}

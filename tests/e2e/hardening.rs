@@ -133,6 +133,27 @@ fn a_truncated_npy_is_refused_instead_of_read_past_its_end() {
     }
 }
 
+#[test]
+fn n_and_t_with_a_token_id_file_take_its_first_windows_or_are_refused() {
+    // -n and -t were silently ignored for an [N, T] token-id file: the whole file calibrated.
+    let dir = tempfile::tempdir().unwrap();
+    let ids = token_ids_npy(dir.path(), 6, 24, 103);
+    let out = dir.path().join("analysis");
+    let analyze = || {
+        let mut cmd = scalpel();
+        cmd.env("OMP_NUM_THREADS", "1").args(["analyze", "-a", "attn-rank"]).arg(tiny("tiny-llama")).arg("--calib").arg(&ids);
+        cmd
+    };
+    let r = run(analyze().args(["-n", "2", "-t", "16", "-o"]).arg(&out)).success();
+    assert!(r.stderr.contains("first 2 of the 6 windows") && r.stderr.contains("first 16 of 24 tokens"), "said so: {}", r.stderr);
+    let bytes = std::fs::read(out.join("calibration.safetensors")).unwrap();
+    assert_eq!(SafeTensors::deserialize(&bytes).unwrap().tensor("input_ids").unwrap().shape(), [2, 16], "the windows that calibrated");
+    for (flag, value) in [("-n", "7"), ("-t", "25")] {
+        let e = clean_failure(analyze().args([flag, value]));
+        assert!(e.contains("ids.npy holds 6 windows of 24 tokens") && e.contains("at most -n 6 -t 24"), "{e}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Checkpoints that disagree with their config
 // ---------------------------------------------------------------------------------------------------------------

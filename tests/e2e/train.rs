@@ -134,6 +134,31 @@ fn resuming_checks_the_settings_of_the_run_folder() {
 }
 
 #[test]
+fn a_log_with_garbage_lines_does_not_fail_a_resume_after_the_work() {
+    // Resuming a finished run whose log.jsonl held garbage failed drawing the loss curve ("no loss values to
+    // plot"), after the work was done.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    run(&mut train_cmd("tiny-llama", &out, Some(2), &[])).success();
+    let path = out.join("log.jsonl");
+    let good = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = good.lines().collect();
+    std::fs::write(&path, format!("{}\nnot json\n{}\n", lines[0], lines[1])).unwrap();
+    let r = run(scalpel1().arg("train").arg("--resume").arg(&out)).success();
+    assert!(r.stderr.contains("log.jsonl: line 2 is not a log entry"), "names the file and the line: {}", r.stderr);
+    assert_eq!(log(&out).len(), 2, "the entries are kept");
+    assert!(out.join("loss.svg").exists());
+    std::fs::write(&path, b"\x00\xff garbage\n").unwrap();
+    let r = run(scalpel1().arg("train").arg("--resume").arg(&out)).success();
+    assert!(r.stderr.contains("line 1 is not a log entry") && r.stderr.contains("no loss curve drawn"), "{}", r.stderr);
+    // A line a kill tore is what a crash leaves: no warning at all.
+    std::fs::write(&path, format!("{}\n{}", lines[0], &lines[1][..lines[1].len() / 2])).unwrap();
+    let r = run(scalpel1().arg("train").arg("--resume").arg(&out)).success();
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+    assert_eq!(log(&out).len(), 1);
+}
+
+#[test]
 fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");

@@ -549,7 +549,7 @@ mod tests {
         assert_eq!(ids(&t.batch(0, 2, 4, 0, false).unwrap()), vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
         // Step 2 of batch 2 takes rows 4 and 0 (wrapping), their first 3 ids.
         assert_eq!(ids(&t.batch(2, 2, 3, 0, false).unwrap()), vec![vec![16, 17, 18], vec![0, 1, 2]]);
-        assert!(t.batch(0, 1, 5, 0, false).unwrap_err().to_string().contains("windows of 4 tokens or less"));
+        assert!(t.batch(0, 1, 5, 0, false).unwrap_err().to_string().contains("shorter than windows of 5: set the window length to 4 or less"));
         // Shuffled: each epoch (5 rows) visits every row once, in an order that depends on the seed and epoch.
         let epoch = |e: u64, seed: u64| -> Vec<i64> { (0..5).map(|s| ids(&t.batch(e * 5 + s, 1, 1, seed, true).unwrap())[0][0] / 4).collect() };
         let mut seen = epoch(0, 1);
