@@ -23,8 +23,9 @@ pub struct Session<'a> {
     windows: Option<Windows>,
     /// Hidden states entering each block, and the last block's output: `layers + 1` of `[N, T, D]`.
     hidden: OnceCell<Vec<Tensor>>,
-    /// Attention of the layers that fit the budget, and the bytes of budget left.
-    attention: RefCell<(Vec<Option<Tensor>>, usize)>,
+    /// Attention of the layers that fit the budget, each with its version counter when kept, and the bytes of
+    /// budget left.
+    attention: RefCell<(Vec<Option<(Tensor, i64)>>, usize)>,
     /// The analyzer running now, and its progress over layers once it asks for attention.
     stage: RefCell<Option<(String, Option<indicatif::ProgressBar>)>>,
 }
@@ -144,7 +145,9 @@ impl<'a> Session<'a> {
             if keep {
                 let mut cache = self.attention.borrow_mut();
                 cache.1 -= attention_bytes;
-                cache.0[i] = Some(Tensor::cat(&probs, 0));
+                let probs = Tensor::cat(&probs, 0);
+                let version = probs.internal_version();
+                cache.0[i] = Some((probs, version));
             }
             let h = Tensor::cat(&outs, 0);
             check_finite(&h, i + 1)?;
@@ -176,8 +179,20 @@ impl ModelSource for Session<'_> {
         // The forward pass fills the cache of the layers within the budget.
         let hidden = self.hidden_states()?;
         self.advance(layer);
-        if let Some(a) = &self.attention.borrow().0[layer] {
-            return Ok(a.copy()); // a copy: plugins may write into what they get
+        // Analyzers share the kept tensor, without a copy (36 MB a layer of SmolLM2, half the attention analyzers'
+        // time). A plugin that writes into it bumps its version counter (views share it); the layer is then
+        // computed again, so the next analyzer still sees the model's own attention.
+        {
+            let mut cache = self.attention.borrow_mut();
+            match &cache.0[layer] {
+                Some((a, version)) if a.internal_version() == *version => return Ok(a.shallow_clone()),
+                Some((a, _)) => {
+                    let bytes = a.numel() * a.kind().elt_size_in_bytes();
+                    cache.0[layer] = None;
+                    cache.1 += bytes;
+                }
+                None => {}
+            }
         }
         let _guard = tch::no_grad_guard();
         let net = self.net(Part::Block(layer))?;
@@ -188,7 +203,7 @@ impl ModelSource for Session<'_> {
         let mut cache = self.attention.borrow_mut();
         if bytes <= cache.1 {
             cache.1 -= bytes;
-            cache.0[layer] = Some(a.copy());
+            cache.0[layer] = Some((a.shallow_clone(), a.internal_version()));
         }
         Ok(a)
     }
@@ -248,8 +263,15 @@ mod tests {
         assert!(sessions[0].attention.borrow().0.iter().all(Option::is_some));
         assert_eq!(sessions[1].attention.borrow().0.iter().filter(|a| a.is_some()).count(), 1);
         assert!(sessions[2].attention.borrow().0.iter().all(Option::is_none));
-        // What a plugin gets is its own: writing into it leaves the kept attention as it was.
+        // What a plugin gets is shared, not copied; writing into it, or into a view of it, does not reach the
+        // next caller: the layer is computed again.
+        let recomputed = sessions[2].attention(0).unwrap();
         let _ = sessions[0].attention(0).unwrap().fill_(0.0);
-        assert!(sessions[0].attention(0).unwrap().equal(&sessions[2].attention(0).unwrap()));
+        assert!(sessions[0].attention(0).unwrap().equal(&recomputed));
+        let _ = sessions[0].attention(0).unwrap().narrow(3, 0, 1).fill_(7.0);
+        assert!(sessions[0].attention(0).unwrap().equal(&recomputed));
+        let kept = sessions[0].attention(1).unwrap();
+        assert_eq!(kept.data_ptr(), sessions[0].attention(1).unwrap().data_ptr(), "kept attention is handed out without a copy");
+        assert!(sessions[0].attention.borrow().0.iter().all(Option::is_some), "the recomputed layer is kept again");
     }
 }
