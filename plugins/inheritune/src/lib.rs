@@ -2,6 +2,7 @@
 //! that find degenerate ("lazy") layers, and the strategies that cut and regrow depth.
 
 mod analyzers;
+mod lanes;
 pub mod metrics;
 mod strategies;
 

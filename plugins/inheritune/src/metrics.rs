@@ -1,177 +1,263 @@
 //! The math of the attention analyzers, on batches of attention matrices `[..., T, T]` (rows are
 //! queries, post-softmax, causal). Every function returns one value per matrix, shape `[...]`.
 
+use crate::lanes::{simd, Estimate, Matrix, Real, Solver, LANES};
 use rayon::prelude::*;
 use scalpel_sdk::prelude::*;
-use std::sync::{Mutex, PoisonError};
 
 /// Relative slack of every threshold test: `cum ≥ τ·total·(1 − slack)`. The analytic cases sit exactly
 /// on the threshold (identity at T = 100: 90 of 100 units of energy at k = 90), and the rounding of
 /// eigenvalues, sums and τ·total must not push k* one past the tie. Far below any real energy gap.
-fn slack(kind: Kind) -> f64 {
-    if kind == Kind::Float {
-        1e-5
-    } else {
+fn slack(certain: bool) -> f64 {
+    if certain {
         1e-9
-    }
-}
-
-/// Multiplications by AAᵀ before the k* = 1 test: enough for the sink-like matrices it is meant to catch
-/// (on the benchmark's attention, one already catches every k* = 1 matrix; none catches about 60 %).
-const POWER_STEPS: usize = 1;
-
-/// k* = smallest k with Σ_{i≤k} σᵢ² ≥ τ·Σσⱼ², as `Int64`. `Double`: the exact k* (as float64 arithmetic
-/// finds it), computed in float32 wherever float32's error bound decides it; `Float`: float32 alone, which
-/// may differ where the energy sits within about 1e-5 (relative) of the threshold.
-pub fn energy_rank(attn: &Tensor, tau: f64, kind: Kind) -> Result<Tensor> {
-    let (batch, t) = matrix_shape(attn)?;
-    let flat = attn.f_reshape([-1, t, t])?;
-    let k = on_all_cores(&flat, |a| {
-        if kind == Kind::Double {
-            certified_rank(&a, tau)
-        } else {
-            rank_of_batch(&a.f_to_kind(kind)?, tau, kind)
-        }
-    })?;
-    Ok(k.f_reshape(&batch)?)
-}
-
-/// The exact k* of a `[B, T, T]` batch of non-negative matrices, from float32 where that is certain.
-///
-/// Float32 eigenvalues of the Gram matrix G = AAᵀ are each within δ = 2·T·ε₃₂·‖G‖₂ of G's: forming G from
-/// a non-negative A errs by at most γ_T·G entrywise (≤ T·ε₃₂/2·‖G‖₂ in norm), and LAPACK's symmetric
-/// eigensolvers are backward stable with an error of p(T)·ε₃₂·‖G‖₂ (LAPACK Users' Guide; p(T) = T here,
-/// generous against the guide's p = 1). So the sum of the top j is within j·δ of the true one (Lidskii).
-/// A float64 input rounded to float32 perturbs A entrywise by a relative ε₃₂, well within δ's generosity.
-/// Where the float32 k̂ clears the threshold by more than that on both sides (k̂ reaches it, k̂ − 1 does
-/// not), k* = k̂ for certain; the others, 1 to 3 % of real attention, are solved again in float64.
-fn certified_rank(input: &Tensor, tau: f64) -> Result<Tensor> {
-    let (b, t, _) = input.size3()?;
-    let a = input.f_to_kind(Kind::Float)?;
-    let threshold = a.f_square()?.f_sum_dim_intlist(&[1, 2][..], false, Kind::Double)? * (tau * (1.0 - slack(Kind::Double)));
-    // k* = 1 where one power step's Rayleigh quotient, a lower bound of σ₁², already reaches the threshold;
-    // everything in it is a sum of non-negative terms, so float32 errs by a relative γ's worth at most.
-    let quotient = power_quotient(&a, Kind::Float)?;
-    let rank1 = quotient.f_mul_scalar(1.0 - 4.0 * t as f64 * f64::from(f32::EPSILON))?.f_ge_tensor(&threshold)?;
-    let k = Tensor::f_ones([b], (Kind::Int64, a.device()))?;
-    let open = rank1.logical_not().nonzero().squeeze_dim(1);
-    if open.numel() == 0 {
-        return Ok(k);
-    }
-    let a = a.f_index_select(0, &open)?;
-    let threshold = threshold.f_index_select(0, &open)?;
-    let energy = gram_energy(&a)?.f_to_kind(Kind::Double)?;
-    let delta = energy.f_select(1, 0)? * (2.0 * t as f64 * f64::from(f32::EPSILON));
-    let guess = smallest_reaching(&energy, &threshold)?.clamp_max(t);
-    let (reached, before) = sums_at(&energy, &guess)?;
-    let sure = (reached - guess.to_kind(Kind::Double) * &delta)
-        .f_ge_tensor(&threshold)?
-        .logical_and(&(before + (&guess - 1).to_kind(Kind::Double) * &delta).f_lt_tensor(&threshold)?);
-    // The float64 answer for the input as given (not its float32 rounding).
-    let exact = |unsure: &Tensor| rank_of_batch(&input.f_index_select(0, &open.f_index_select(0, unsure)?)?.f_to_kind(Kind::Double)?, tau, Kind::Double);
-    let rank = redo_unsure(guess, &sure, exact)?;
-    Ok(k.f_index_copy(0, &open, &rank)?)
-}
-
-/// The sums of the first k and k − 1 entries of `energy` `[b, T]` (sorted descending), for `k` `[b]` in 1..=T.
-fn sums_at(energy: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
-    let cum = Tensor::f_cat(&[energy.f_zeros_like()?.narrow(1, 0, 1), energy.f_cumsum(1, Kind::Double)?], 1)?;
-    let at = |k: &Tensor| -> Result<Tensor> { Ok(cum.f_gather(1, &k.unsqueeze(1), false)?.squeeze_dim(1)) };
-    Ok((at(k)?, at(&(k - 1))?))
-}
-
-/// `guess`, with the entries where `sure` is false replaced by `exact` of their indices.
-fn redo_unsure(guess: Tensor, sure: &Tensor, exact: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    let unsure = sure.logical_not().nonzero().squeeze_dim(1);
-    if unsure.numel() == 0 {
-        return Ok(guess);
-    }
-    Ok(guess.f_index_copy(0, &unsure, &exact(&unsure)?)?)
-}
-
-/// The eigenvalues σᵢ² of AAᵀ for a `[B, T, T]` batch, largest first.
-fn gram_energy(a: &Tensor) -> Result<Tensor> {
-    let gram = a.f_bmm(&a.f_transpose(1, 2)?)?;
-    if gram.device() == Device::Cpu {
-        energy_of(&gram)
     } else {
-        // libtorch's batched eigensolvers are slower on a GPU than on the CPU for matrices this small
-        // (libtorch.md: 0.6 ms a matrix on an H200): the GPU makes the Gram matrices, the cores do the rest.
-        Ok(on_all_cores(&gram.f_to_device(Device::Cpu)?, |g| energy_of(&g))?.f_to_device(gram.device())?)
+        1e-5
     }
 }
 
-/// The Rayleigh quotient of AAᵀ after `POWER_STEPS` power steps from the all-ones vector, in `kind`,
-/// returned as float64: a lower bound of σ₁². AAᵀ is non-negative, so its top eigenvector is too (Perron)
-/// and overlaps the start. A zero matrix gives NaN, which fails every threshold test.
-fn power_quotient(a: &Tensor, kind: Kind) -> Result<Tensor> {
-    let (b, t, _) = a.size3()?;
-    let squared_norm =
-        |x: &Tensor| -> Result<Tensor> { Ok(x.f_norm_scalaropt_dim_dtype(2, [1, 2], false, Kind::Double)?.square()) };
-    let at = a.f_transpose(1, 2)?;
-    let mut v = Tensor::f_ones([b, t, 1], (kind, a.device()))?;
-    for _ in 0..POWER_STEPS {
-        let w = a.f_bmm(&at.f_bmm(&v)?)?;
-        v = &w / w.f_norm_scalaropt_dim(2, [1, 2], true)?;
+/// k* = smallest k with Σ_{i≤k} σᵢ² ≥ τ·Σσⱼ², as `Int64`, on the CPU whatever the device (eight matrices at a
+/// time, `lanes`). `Double`: the exact k* (as float64 arithmetic finds it), computed in float32 wherever
+/// float32's error bound decides it; `Float`: float32 alone, which may differ where the energy sits within
+/// about 1e-5 (relative) of the threshold.
+pub fn energy_rank(attn: &Tensor, tau: f64, kind: Kind) -> Result<Tensor> {
+    let certain = match kind {
+        Kind::Double => true,
+        Kind::Float => false,
+        other => bail!("energy_rank computes in Double or Float, not {other:?}"),
+    };
+    let host = Host::new(attn)?;
+    let k = match host.values.kind() {
+        Kind::Double => ranks(host.slice::<f64>()?, host.t, tau, certain),
+        _ => ranks(host.slice::<f32>()?, host.t, tau, certain),
     }
-    // vᵀAAᵀv / vᵀv ≤ σ₁² for any v.
-    Ok(squared_norm(&at.f_bmm(&v)?)? / squared_norm(&v)?)
+    .map_err(|i| host.not_finite(i))?;
+    host.answer(&k)
 }
 
-/// k* of a `[B, T, T]` batch in `kind`. σ₁² ≥ τ‖A‖²_F is exactly the case k* = 1, and the power quotient
-/// is a lower bound of σ₁²: matrices it already lifts over the threshold are k* = 1 for certain. Only the
-/// others pay for eigenvalues, those of the Gram matrix AAᵀ (σᵢ²), which libtorch computes faster than
-/// singular values (and `linalg_svd` needs a driver, which fails on the CPU).
-fn rank_of_batch(a: &Tensor, tau: f64, kind: Kind) -> Result<Tensor> {
-    let b = a.size()[0];
-    let threshold = a.f_norm_scalaropt_dim_dtype(2, [1, 2], false, Kind::Double)?.square() * (tau * (1.0 - slack(kind)));
-    let quotient = power_quotient(a, kind)?;
-    let k = Tensor::f_ones([b], (Kind::Int64, a.device()))?;
-    let open = quotient.f_ge_tensor(&threshold)?.logical_not().nonzero().squeeze_dim(1);
-    if open.numel() == 0 {
-        return Ok(k);
-    }
-    let energy = gram_energy(&a.f_index_select(0, &open)?)?;
-    Ok(k.f_index_copy(0, &open, &smallest_reaching(&energy, &threshold.index_select(0, &open))?)?)
-}
-
-/// The eigenvalues σᵢ² of Gram matrices, largest first.
-fn energy_of(gram: &Tensor) -> Result<Tensor> {
-    // Ascending eigenvalues; round-off may leave tiny negatives of a PSD matrix, which are zero.
-    Ok(gram.f_linalg_eigvalsh("L")?.flip([1]).clamp_min(0.0))
-}
-
-/// m* = fewest columns whose energies ‖A·ⱼ‖², largest first, reach η·‖A‖²_F, exactly (as float64 finds
-/// it), as `Int64`. The energies are sums of non-negative squares, so float32 computes each of them, their
-/// partial sums and the total within a relative γ_T ≤ T·ε₃₂ (float64 input, rounded to float32 first,
-/// adds 2·ε₃₂ relative at most); where m̂ clears the threshold by more than
-/// that on both sides it is certain, and the others (under 1 % of real attention) are summed again in f64.
+/// m* = fewest columns whose energies ‖A·ⱼ‖², largest first, reach η·‖A‖²_F, exactly (in float64), as `Int64`.
 pub fn mass(attn: &Tensor, eta: f64) -> Result<Tensor> {
-    let (batch, t) = matrix_shape(attn)?;
-    let m = on_all_cores(&attn.f_reshape([-1, t, t])?, |a| {
-        let threshold_of = |energy: &Tensor| energy.sum_dim_intlist(-1, false, None) * (eta * (1.0 - slack(Kind::Double)));
-        let exact = |a: &Tensor| -> Result<Tensor> {
-            let energy = a.f_norm_scalaropt_dim_dtype(2, [1], false, Kind::Double)?.square();
-            smallest_reaching(&energy.sort(-1, true).0, &threshold_of(&energy))
-        };
-        let energy = a.f_to_kind(Kind::Float)?.f_square()?.f_sum_dim_intlist(&[1][..], false, Kind::Float)?.f_to_kind(Kind::Double)?;
-        let energy = energy.sort(-1, true).0;
-        let threshold = threshold_of(&energy);
-        let guess = smallest_reaching(&energy, &threshold)?.clamp_max(t);
-        let (reached, before) = sums_at(&energy, &guess)?;
-        let margin = 3.0 * t as f64 * f64::from(f32::EPSILON);
-        let sure = reached.f_ge_tensor(&(&threshold * (1.0 + margin)))?.logical_and(&before.f_lt_tensor(&(&threshold * (1.0 - margin)))?);
-        redo_unsure(guess, &sure, |unsure| exact(&a.f_index_select(0, unsure)?))
-    })?;
-    Ok(m.f_reshape(&batch)?)
+    let host = Host::new(attn)?;
+    let m = match host.values.kind() {
+        Kind::Double => masses(host.slice::<f64>()?, host.t, eta),
+        _ => masses(host.slice::<f32>()?, host.t, eta),
+    }
+    .map_err(|i| host.not_finite(i))?;
+    host.answer(&m)
 }
 
-/// The smallest k whose first k `energy` entries (sorted descending along the last dim) sum to at
-/// least `threshold` (one per row).
-fn smallest_reaching(energy: &Tensor, threshold: &Tensor) -> Result<Tensor> {
-    let cum = energy.f_cumsum(-1, Kind::Double)?;
-    Ok(cum.f_lt_tensor(&threshold.unsqueeze(-1))?.sum_dim_intlist(-1, false, Kind::Int64) + 1)
+/// A batch of matrices `[..., T, T]` as contiguous float32 or float64 values on the CPU.
+struct Host {
+    values: Tensor,
+    batch: Vec<i64>,
+    t: usize,
+    device: Device,
 }
+
+impl Host {
+    fn new(attn: &Tensor) -> Result<Self> {
+        let (batch, t) = matrix_shape(attn)?;
+        let kind = if attn.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+        let values = attn.f_to_device(Device::Cpu)?.f_to_kind(kind)?.f_contiguous()?;
+        Ok(Host { values, batch, t: usize::try_from(t)?, device: attn.device() })
+    }
+
+    /// The error for matrix `i`, whose energy is not finite.
+    fn not_finite(&self, i: usize) -> scalpel_sdk::Error {
+        scalpel_sdk::anyhow!(
+            "attention matrix {i} of a batch of {:?} holds NaN or infinite values: the forward pass overflowed; analyze \
+             in float32 or check the checkpoint",
+            self.batch
+        )
+    }
+
+    fn slice<S: tch::kind::Element>(&self) -> Result<&[S]> {
+        ensure!(self.values.kind() == S::KIND, "expected {:?} values, got {:?}", S::KIND, self.values.kind());
+        // SAFETY: `values` is a contiguous CPU tensor of S, alive as long as the slice.
+        Ok(unsafe { std::slice::from_raw_parts(self.values.data_ptr() as *const S, self.values.numel()) })
+    }
+
+    /// One value per matrix, shaped like the batch, on the input's device.
+    fn answer(&self, per_matrix: &[i64]) -> Result<Tensor> {
+        Ok(Tensor::from_slice(per_matrix).f_reshape(&self.batch)?.f_to_device(self.device)?)
+    }
+}
+
+/// What one pass over a matrix tells `ranks`.
+struct Facts {
+    /// τ·(1 − slack)·‖A‖²_F.
+    threshold: f64,
+    /// 1 + the last nonzero column of each row.
+    widths: Vec<u32>,
+    /// k* = 1 for certain.
+    rank1: bool,
+    /// m* at τ, an upper bound of k* (the best rank-m approximation holds at least the m largest columns' energy):
+    /// matrices of similar bounds share a group, so that lanes finish together.
+    bound: usize,
+    /// The fast paths assume non-negative entries (attention probabilities); others take float64 throughout.
+    negative: bool,
+}
+
+/// k* of every matrix: k* = 1 where a power step decides it; else float32 in lanes, and float64 in lanes where
+/// float32 is not certain (`certain`) or the matrix has negative entries. Err: the first matrix that is not finite.
+fn ranks<S: Sample>(values: &[S], t: usize, tau: f64, certain: bool) -> Result<Vec<i64>, usize> {
+    let (n, fraction) = (t * t, tau * (1.0 - slack(certain)));
+    let facts: Vec<Facts> = values.par_chunks(n).map(|a| simd!(avx2::facts(a, t, fraction), facts(a, t, fraction))).collect();
+    if let Some(i) = facts.iter().position(|f| !f.threshold.is_finite()) {
+        return Err(i);
+    }
+    let mut open: Vec<usize> = (0..facts.len()).filter(|&i| !facts[i].rank1).collect();
+    open.sort_by_key(|&i| facts[i].bound);
+    let matrix = |i: usize| Matrix { values: &values[i * n..(i + 1) * n], widths: &facts[i].widths, threshold: facts[i].threshold };
+    let (fast, mut unsure): (Vec<usize>, Vec<usize>) = open.iter().partition(|&&i| !facts[i].negative);
+    let mut k = vec![1i64; facts.len()];
+    for (i, estimate) in solve::<f32, S>(&fast, t, &matrix) {
+        k[i] = estimate.rank;
+        if certain && !estimate.certain {
+            unsure.push(i);
+        }
+    }
+    // Float64 answers are taken as they are: this is "as float64 arithmetic finds it".
+    for (i, estimate) in solve::<f64, S>(&unsure, t, &matrix) {
+        k[i] = estimate.rank;
+    }
+    Ok(k)
+}
+
+/// k̂ of the matrices `indices`, eight to a group, the groups spread over the cores.
+fn solve<'a, R: Real, S: Sample + 'a>(indices: &[usize], t: usize, matrix: &(impl Fn(usize) -> Matrix<'a, S> + Sync)) -> Vec<(usize, Estimate)> {
+    indices
+        .par_chunks(LANES)
+        .map_init(|| Solver::<R>::new(t), |solver, group| {
+            let found = solver.ranks(&group.iter().map(|&i| matrix(i)).collect::<Vec<_>>());
+            group.iter().copied().zip(found).collect::<Vec<_>>()
+        })
+        .flatten()
+        .collect()
+}
+
+/// The threshold, row widths, rank-1 test and k* bound of one matrix, in float64.
+#[inline(always)]
+fn facts<S: Sample>(a: &[S], t: usize, fraction: f64) -> Facts {
+    let Columns { mut energies, sums: u, widths, negative } = columns(a, t);
+    let threshold = fraction * energies.iter().sum::<f64>();
+    let rows = || a.chunks_exact(t).zip(&widths).map(|(row, &w)| &row[..w as usize]);
+    // One power step of AAᵀ from the all-ones vector: u = Aᵀ1, w = Au, and ‖Aᵀw‖²/‖w‖² ≤ σ₁² (a Rayleigh
+    // quotient). AAᵀ is non-negative, so its top eigenvector is too (Perron) and overlaps the start; one step
+    // already catches every k* = 1 matrix of real attention, and 60 % of them need it.
+    let w: Vec<f64> = rows().map(|row| dot(row, &u)).collect();
+    let mut z = vec![0.0; t];
+    for (row, &w) in rows().zip(&w) {
+        for (z, &x) in z.iter_mut().zip(row) {
+            *z += w * x.into();
+        }
+    }
+    let quotient = dot(&z, &z) / dot(&w, &w);
+    // Every term is non-negative, so float64 errs by a relative γ's worth at most; a zero matrix gives NaN.
+    let rank1 = !negative && quotient * (1.0 - 4.0 * t as f64 * f64::EPSILON) >= threshold;
+    let bound = if rank1 { 1 } else { smallest_reaching(&mut energies, fraction) as usize };
+    Facts { threshold, widths, rank1, bound, negative }
+}
+
+/// Σ xᵢyᵢ in float64, in four running sums (one would wait on the previous addition every step).
+#[inline(always)]
+fn dot<S: Sample>(x: &[S], y: &[f64]) -> f64 {
+    let mut sums = [0.0; 4];
+    let (xs, ys) = (x.chunks_exact(4), y[..x.len()].chunks_exact(4));
+    let rest: f64 = xs.remainder().iter().zip(ys.remainder()).map(|(&x, y)| x.into() * y).sum();
+    for (x, y) in xs.zip(ys) {
+        for i in 0..4 {
+            sums[i] += x[i].into() * y[i];
+        }
+    }
+    (sums[0] + sums[1]) + (sums[2] + sums[3]) + rest
+}
+
+/// One pass over a row-major t × t matrix, in float64.
+struct Columns {
+    /// ‖A·ⱼ‖².
+    energies: Vec<f64>,
+    /// Σᵢ Aᵢⱼ.
+    sums: Vec<f64>,
+    /// 1 + the last nonzero column of each row.
+    widths: Vec<u32>,
+    negative: bool,
+}
+
+#[inline(always)]
+fn columns<S: Sample>(a: &[S], t: usize) -> Columns {
+    let (mut energies, mut sums, mut widths) = (vec![0.0; t], vec![0.0; t], vec![0u32; t]);
+    let mut negative = false;
+    // Whole rows, zeros too, front to back: a first read of the matrix from memory goes at the prefetcher's pace.
+    for (i, (row, row_width)) in a.chunks_exact(t).zip(&mut widths).enumerate() {
+        for ((e, s), &x) in energies.iter_mut().zip(&mut sums).zip(row) {
+            let x: f64 = x.into();
+            *e += x * x;
+            *s += x;
+            negative |= x < 0.0;
+        }
+        *row_width = width(row, i) as u32;
+    }
+    Columns { energies, sums, widths, negative }
+}
+
+/// 1 + the last nonzero entry of row i, 0 if none. A causal row ends in zeros from i + 1 on: checked without
+/// branching (a scan one by one was most of this pass), it leaves the search to the first i + 1 entries.
+#[inline(always)]
+fn width<S: Sample>(row: &[S], i: usize) -> usize {
+    let nonzero = |x: &S| (*x).into() != 0.0;
+    let causal = row[(i + 1).min(row.len())..].iter().fold(true, |zero, x| zero & !nonzero(x));
+    let end = if causal { i + 1 } else { row.len() };
+    row[..end].iter().rposition(nonzero).map_or(0, |p| p + 1)
+}
+
+/// m* of every matrix. Err: the first matrix that is not finite.
+fn masses<S: Sample>(values: &[S], t: usize, eta: f64) -> Result<Vec<i64>, usize> {
+    let m: Vec<Option<i64>> = values
+        .par_chunks(t * t)
+        .map(|a| {
+            let mut energies = simd!(avx2::columns(a, t), columns(a, t)).energies;
+            energies.iter().sum::<f64>().is_finite().then(|| smallest_reaching(&mut energies, eta * (1.0 - slack(true))))
+        })
+        .collect();
+    m.into_iter().enumerate().map(|(i, m)| m.ok_or(i)).collect()
+}
+
+/// The fewest of `energies`, largest first, whose sum reaches `fraction` of their total (sorts `energies`).
+fn smallest_reaching(energies: &mut [f64], fraction: f64) -> i64 {
+    energies.sort_unstable_by(|x, y| y.total_cmp(x));
+    let threshold = fraction * energies.iter().sum::<f64>();
+    let mut sum = 0.0;
+    1 + energies
+        .iter()
+        .take_while(|&&e| {
+            sum += e;
+            sum < threshold
+        })
+        .count()
+        .min(energies.len() - 1) as i64
+}
+
+/// `facts` and `columns` compiled for AVX2 and FMA (`lanes::simd!`).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Facts, Sample};
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn facts<S: Sample>(a: &[S], t: usize, fraction: f64) -> Facts {
+        super::facts(a, t, fraction)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn columns<S: Sample>(a: &[S], t: usize) -> super::Columns {
+        super::columns(a, t)
+    }
+}
+
+/// The element types of attention handed to the kernels.
+trait Sample: Copy + Into<f64> + Send + Sync {}
+impl Sample for f32 {}
+impl Sample for f64 {}
 
 /// Mean row entropy Hᵢ = −Σⱼ Aᵢⱼ log Aᵢⱼ (nats, 0·log 0 = 0), and the mean of Hᵢ / log i over rows
 /// i ≥ 2 (row i, 1-based, has i admissible keys; row 1 has one key and no choice, so it is left out).
@@ -204,53 +290,6 @@ fn matrix_shape(attn: &Tensor) -> Result<(Vec<i64>, i64)> {
         _ => bail!("expected square attention matrices [..., T, T], got shape {size:?}"),
     }
 }
-
-/// Runs `f` on slices of `CHUNK` matrices of the batch `x` (dim 0), spread over the rayon threads when on
-/// the CPU: libtorch's batched eigvalsh walks the batch on one thread, and slices this small recycle
-/// their temporaries (a whole batch's 72 MB ones cost fresh pages every time, about 25 % of the run).
-/// On a GPU one call already fills the device.
-fn on_all_cores(x: &Tensor, f: impl Fn(Tensor) -> Result<Tensor> + Sync) -> Result<Tensor> {
-    if x.device() != Device::Cpu {
-        return f(x.shallow_clone());
-    }
-    let _serial = SerialTorch::new();
-    let parts = x.f_split(CHUNK, 0)?.into_par_iter().map(&f).collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::f_cat(&parts, 0)?)
-}
-
-/// libtorch's intra-op threads set to one while any of these lives, then restored (the host waits on this
-/// call meanwhile): rayon already keeps every core busy, and libtorch's own threads on top of it only
-/// spin; with them the same work took 2.5× the CPU time and wall time. Counted, so that concurrent calls
-/// restore the host's setting, not each other's.
-struct SerialTorch;
-
-/// Live `SerialTorch`s, and the thread count to restore when the last one goes.
-static SERIAL: Mutex<(usize, i32)> = Mutex::new((0, 0));
-
-impl SerialTorch {
-    fn new() -> Self {
-        let mut serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-        if serial.0 == 0 {
-            serial.1 = tch::get_num_threads();
-            tch::set_num_threads(1);
-        }
-        serial.0 += 1;
-        SerialTorch
-    }
-}
-
-impl Drop for SerialTorch {
-    fn drop(&mut self) {
-        let mut serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-        serial.0 -= 1;
-        if serial.0 == 0 {
-            tch::set_num_threads(serial.1);
-        }
-    }
-}
-
-/// Matrices per slice on the CPU: 5 MB of f64 at T = 100.
-const CHUNK: i64 = 64;
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -397,6 +436,36 @@ pub(crate) mod tests {
             assert_eq!(ints(&energy_rank(&single, tau, Kind::Double).unwrap()), reference_rank(&widened, tau), "f32 in, tau = {tau}");
             assert_eq!(ints(&mass(&single, tau).unwrap()), reference_mass(&widened, tau), "f32 in, eta = {tau}");
         }
+    }
+
+    #[test]
+    fn zero_nan_and_negative_matrices() {
+        let zeros = Tensor::zeros([2, 30, 30], (Kind::Float, Device::Cpu));
+        assert_eq!(ints(&energy_rank(&zeros, 0.9, Kind::Double).unwrap()), [1, 1]);
+        assert_eq!(ints(&mass(&zeros, 0.9).unwrap()), [1, 1]);
+        let broken = uniform(30).expand([3, 30, 30], false).copy();
+        let _ = broken.get(2).get(5).get(1).fill_(f64::NAN);
+        for e in [energy_rank(&broken, 0.9, Kind::Double).unwrap_err(), mass(&broken, 0.9).unwrap_err()] {
+            assert!(e.to_string().contains("attention matrix 2 of a batch of [3]") && e.to_string().contains("NaN"), "{e}");
+        }
+        // Not attention: the float32 bounds assume non-negative entries, so these take float64 throughout.
+        tch::manual_seed(3);
+        let signed = Tensor::randn([40, 25, 25], (Kind::Double, Device::Cpu)) * Tensor::rand([40, 1, 1], (Kind::Double, Device::Cpu)).exp();
+        for tau in [0.5, 0.9] {
+            assert_eq!(ints(&energy_rank(&signed, tau, Kind::Double).unwrap()), reference_rank(&signed, tau), "tau = {tau}");
+        }
+    }
+
+    #[test]
+    fn one_power_step_settles_sink_heads() {
+        let facts = |a: Tensor| {
+            let a = Vec::<f64>::try_from(a.reshape([-1])).unwrap();
+            super::facts(&a, 100, 0.9 * (1.0 - slack(true)))
+        };
+        assert!(facts(sink(100) * 0.9 + uniform(100) * 0.1).rank1);
+        assert!(facts(sink(100)).rank1);
+        let identity = facts(identity(100));
+        assert!(!identity.rank1 && identity.bound == 90 && identity.widths.iter().enumerate().all(|(i, &w)| w as usize == i + 1));
     }
 
     #[test]
