@@ -5,7 +5,7 @@ use crate::inspect::{EvalData, Sampling};
 use crate::model::checkpoint::parse_dtype;
 use crate::recipe::{Calibration, Options, Recipe, Step};
 use crate::train::TrainConfig;
-use crate::cuda;
+use scalpel_sdk::cuda;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use safetensors::Dtype;

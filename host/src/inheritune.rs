@@ -199,7 +199,7 @@ pub fn resume(out: &Path, device: Option<String>, registry: &Registry, progress:
 
 fn rounds(mut state: State, registry: &Registry, progress: &dyn Fn(&str)) -> Result<State> {
     let out = state.settings.output.clone();
-    let device = crate::cuda::device(state.settings.device.as_deref().unwrap_or("cpu"))?;
+    let device = scalpel_sdk::cuda::device(state.settings.device.as_deref().unwrap_or("cpu"))?;
     let s = state.settings.clone();
     let total = state.reference_layers;
     let target = match s.method.target {
@@ -266,7 +266,7 @@ fn start(s: &Settings, force: bool, progress: &dyn Fn(&str)) -> Result<State> {
             bail!("--start {l}: the reference has {} layers", reference.dims.layers);
         }
     }
-    let device = crate::cuda::device(s.device.as_deref().unwrap_or("cpu"))?;
+    let device = scalpel_sdk::cuda::device(s.device.as_deref().unwrap_or("cpu"))?;
     progress("validation loss of the reference …");
     let windows = val.windows(s.train.seq, s.train.eval_windows)?;
     let net = Transformer::load(&reference, device, Kind::Float)?;

@@ -4,7 +4,6 @@
 pub mod calib;
 pub mod cli;
 pub mod compare;
-pub mod cuda;
 pub mod data;
 pub mod gguf;
 pub mod import;

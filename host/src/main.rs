@@ -4,8 +4,9 @@
 
 use anyhow::Result;
 use scalpel::cli::{self, Job, Task};
+use scalpel_sdk::cuda;
 use scalpel::model::{self, Checkpoint};
-use scalpel::{compare, cuda, data, import, inheritune, inspect, newplugin, pipeline, plugins, present, recipe, train};
+use scalpel::{compare, data, import, inheritune, inspect, newplugin, pipeline, plugins, present, recipe, train};
 
 fn main() {
     // Before anything touches libtorch's dispatcher, so that `--device cuda` can work.

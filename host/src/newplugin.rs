@@ -80,7 +80,7 @@ fn check_name(name: &str) -> Result<()> {
 
 /// The libtorch folder this process runs on (the parent of the loaded `libtorch_cpu.so`'s folder).
 fn libtorch() -> Result<PathBuf> {
-    let dir = crate::cuda::libtorch_dir().and_then(|lib| lib.parent().map(Path::to_path_buf));
+    let dir = scalpel_sdk::cuda::libtorch_dir().and_then(|lib| lib.parent().map(Path::to_path_buf));
     match dir {
         Some(dir) if dir.join("include/torch").is_dir() => Ok(dir),
         Some(dir) => bail!(

@@ -51,6 +51,7 @@
 
 #[allow(non_local_definitions, non_camel_case_types)]
 pub mod abi;
+pub mod cuda;
 mod model;
 mod plan;
 mod registry;

@@ -255,8 +255,8 @@ impl<R: Real> Solver<R> {
             }
             let (v, p) = (&mut self.v[..m], &mut self.p[..m]);
             v[0] = [R::ONE; LANES];
-            for r in 1..m {
-                v[r] = mul(self.g[below(r)], scale);
+            for (r, v) in v.iter_mut().enumerate().skip(1) {
+                *v = mul(self.g[below(r)], scale);
             }
             symv_lower(&self.g, t, k + 1, v, p);
             let mut pv = [R::ZERO; LANES];

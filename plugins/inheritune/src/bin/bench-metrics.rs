@@ -25,12 +25,8 @@ fn main() -> Result<()> {
     let arg = |name: &str, default: &str| -> String {
         args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.into())
     };
-    let device = match arg("--device", "cpu").as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
-        "cuda" => bail!("--device cuda: no CUDA device is visible to libtorch here; use --device cpu"),
-        other => bail!("--device {other}: expected cpu or cuda"),
-    };
+    // As the host does: brings up libtorch's CUDA backend, or says why there is none.
+    let device = scalpel_sdk::cuda::device(&arg("--device", "cpu"))?;
     let (n, t): (i64, i64) = (arg("--matrices", "72000").parse()?, arg("--tokens", "100").parse()?);
     let attn = match args.iter().position(|a| a == "--attention") {
         Some(i) => {

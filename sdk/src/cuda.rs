@@ -1,8 +1,10 @@
 //! Brings up libtorch's CUDA backend, which the linker otherwise drops.
 //!
 //! rustc links with `--as-needed`, so `libtorch_cuda.so` never becomes a dependency of a tch binary
-//! and CUDA is silently missing even against a CUDA libtorch. At start-up we find the folder of the
-//! loaded `libtorch_cpu.so` and load `libtorch_cuda.so` from beside it, globally, for good.
+//! and CUDA is silently missing even against a CUDA libtorch. `init` finds the folder of the loaded
+//! `libtorch_cpu.so` and loads `libtorch_cuda.so` from beside it, globally, for good. A binary of its own
+//! (a benchmark, a plugin's tool) calls `device("cuda")`, or `init()`, before asking tch about CUDA;
+//! plugins need nothing: the host has done it.
 
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -78,6 +80,7 @@ pub fn device(spec: &str) -> Result<tch::Device> {
     Ok(tch::Device::Cuda(index))
 }
 
+/// One line on CUDA for `--version`: available (how many GPUs, from where), or why not.
 pub fn describe() -> String {
     match init() {
         CudaBackend::Loaded { path } if tch::Cuda::is_available() => {
