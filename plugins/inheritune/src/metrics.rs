@@ -161,7 +161,8 @@ fn facts<S: Sample>(a: &[S], t: usize, fraction: f64) -> Facts {
     }
     let quotient = dot(&z, &z) / dot(&w, &w);
     // Every term is non-negative, so float64 errs by a relative γ's worth at most; a zero matrix gives NaN.
-    let rank1 = !negative && quotient * (1.0 - 4.0 * t as f64 * f64::EPSILON) >= threshold;
+    // Finite: ‖Aᵀw‖² can still overflow where ‖A‖²_F does not (entries near 1e152), and ∞ would pass any matrix.
+    let rank1 = !negative && quotient.is_finite() && quotient * (1.0 - 4.0 * t as f64 * f64::EPSILON) >= threshold;
     let bound = if rank1 { 1 } else { smallest_reaching(&mut energies, fraction) as usize };
     Facts { threshold, scale: scale_for(energy), widths, rank1, bound, negative }
 }
@@ -547,6 +548,37 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn k_star_is_exact_a_hair_either_side_of_the_threshold() {
+        // τ a relative 1e-4 to 3e-8 either side of where k* steps: inside float32's margin, so only a sound
+        // certificate (or float64) keeps the answer exact.
+        tch::manual_seed(17);
+        let (mut checked, mut wrong) = (0, vec![]);
+        for t in [3i64, 7, 16, 33, 100] {
+            let batch = Tensor::stack(&(0..12).map(|i| any_matrix([0, 1, 2, 3, 5, 7][i % 6], t)).collect::<Vec<_>>(), 0);
+            let sigma: Vec<Vec<f64>> = Vec::try_from(batch.svd(true, false).1.square()).unwrap();
+            for (i, s) in sigma.iter().enumerate() {
+                let total: f64 = s.iter().sum();
+                let k = 1 + (i * 5) % t as usize;
+                let cum: f64 = s[..k].iter().sum();
+                for delta in [-1e-4, -1e-6, -1e-7, -3e-8, 3e-8, 1e-7, 1e-6, 1e-4] {
+                    let tau = cum / total * (1.0 + delta);
+                    if !(tau > 0.0 && tau < 1.0) {
+                        continue;
+                    }
+                    let a = batch.get(i as i64);
+                    let (found, expected) = (ints(&energy_rank(&a, tau, Kind::Double).unwrap())[0], reference_rank(&a.unsqueeze(0), tau)[0]);
+                    if found != expected {
+                        wrong.push(format!("T = {t}, matrix {i}, k = {k}, delta = {delta:e}: {found}, expected {expected}"));
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{} of {checked} wrong:\n{}", wrong.len(), wrong.join("\n"));
+        assert!(checked > 400, "{checked}");
+    }
+
+    #[test]
     fn k_star_does_not_change_with_the_scale_of_the_matrix() {
         // Unscaled, float32 squared 1e-12 to zero (and said "certain"), float64 did at 1e-100, both overflowed above,
         // and the power step passed every matrix of entries ≥ 1e50 as rank 1 (identity × 1e60: 1, not 36).
@@ -559,6 +591,10 @@ pub(crate) mod tests {
         for scale in [1e-150, 1e-100, 1e-30, 1e-12, 1e12, 1e30, 1e60, 1e100, 1e150] {
             assert_eq!(ints(&energy_rank(&(&batch * scale), 0.9, Kind::Double).unwrap()), expected, "float64 × {scale:e}");
         }
+        // Half the rows all ones, the others on the diagonal: ‖Aᵀw‖² is 20 times ‖A‖²_F, and overflowed where ‖A‖²_F does not.
+        let block = matrix(40, |i, j| if i < 20 { 1.0 } else { (i == j) as i64 as f64 });
+        assert_eq!(reference_rank(&block.unsqueeze(0), 0.99), [13]);
+        assert_eq!(ints(&energy_rank(&(block * 3e152), 0.99, Kind::Double).unwrap()), [13]);
     }
 
     #[test]
