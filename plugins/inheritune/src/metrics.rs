@@ -65,14 +65,19 @@ impl Host {
     /// The error for matrix `i`, whose energy is not finite.
     fn not_finite(&self, i: usize) -> scalpel_sdk::Error {
         scalpel_sdk::anyhow!(
-            "attention matrix {i} of a batch of {:?} holds NaN or infinite values: the forward pass overflowed; analyze \
-             in float32 or check the checkpoint",
+            "attention matrix {i} of a batch of {:?} holds NaN or infinite values (the forward pass overflowed: analyze \
+             in float32 or check the checkpoint), or entries near 1e154 or more, whose squares overflow float64 (scale \
+             them down)",
             self.batch
         )
     }
 
     fn slice<S: tch::kind::Element>(&self) -> Result<&[S]> {
         ensure!(self.values.kind() == S::KIND, "expected {:?} values, got {:?}", S::KIND, self.values.kind());
+        // An empty batch has a null data pointer, which a slice must not hold (the Ok came back as a garbage Err).
+        if self.values.numel() == 0 {
+            return Ok(&[]);
+        }
         // SAFETY: `values` is a contiguous CPU tensor of S, alive as long as the slice.
         Ok(unsafe { std::slice::from_raw_parts(self.values.data_ptr() as *const S, self.values.numel()) })
     }
@@ -634,6 +639,11 @@ pub(crate) mod tests {
         assert_eq!(mass(&a, 0.9).unwrap().size(), [2, 3]);
         assert_eq!(entropy(&a).unwrap().1.size(), [2, 3]);
         assert!(energy_rank(&Tensor::ones([3, 4], (Kind::Double, Device::Cpu)), 0.9, Kind::Double).is_err());
+        // No matrices at all: a null data pointer, once read as a slice, crashed the process.
+        let none = Tensor::zeros([0, 2, 5, 5], (Kind::Float, Device::Cpu));
+        assert_eq!(energy_rank(&none, 0.9, Kind::Double).unwrap().size(), [0, 2]);
+        assert_eq!(mass(&none, 0.9).unwrap().size(), [0, 2]);
+        assert_eq!(entropy(&none).unwrap().0.size(), [0, 2]);
     }
 
     #[test]
