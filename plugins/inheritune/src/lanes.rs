@@ -136,11 +136,11 @@ pub struct Matrix<'a, S> {
     pub scale: f64,
 }
 
-/// The power of two that brings a matrix of Frobenius energy ‖A‖²_F = `energy` to an energy in [1, 4). Unscaled,
+/// The power of two that brings a matrix of Frobenius energy ‖A‖²_F = `energy` to an energy of about 1 to 4. Unscaled,
 /// float32 squares entries of 1e-12 to zero twice over (Gram, then Householder) and entries of 1e10 to infinity, and
 /// float64 does the same at 1e-80 and 1e80: k̂ came out wrong, in float32 even marked certain. Exact, so k* is kept.
 pub fn scale_for(energy: f64) -> f64 {
-    if energy.is_normal() {
+    if energy > 0.0 && energy.is_finite() {
         2f64.powi(-(energy.sqrt().log2().floor() as i32))
     } else {
         1.0
@@ -617,6 +617,17 @@ mod tests {
         solver.simd = false;
         let portable: Vec<Estimate> = matrices.chunks(LANES).flat_map(|g| ranks(&mut solver, g, 0.9)).collect();
         assert_eq!(portable, alone, "the AVX2 build must compute what the portable one does");
+    }
+
+    #[test]
+    fn scale_for_brings_any_energy_near_1_by_a_power_of_two() {
+        for energy in [5e-324, 1e-320, 1e-30, 0.3, 1.0, 3.999, 4.0, 17.0, 1e30, 1e300, f64::MAX] {
+            let scale = scale_for(energy);
+            assert!(scale.to_bits() & ((1u64 << 52) - 1) == 0, "{energy:e}: {scale:e} is not a power of two");
+            // [1, 4) but for the rounding of the square root (f64::MAX: 1 − 2⁻⁵³).
+            assert!((0.99..4.0).contains(&(energy * scale * scale)), "{energy:e}: {scale:e}");
+        }
+        assert_eq!((scale_for(0.0), scale_for(f64::INFINITY), scale_for(f64::NAN)), (1.0, 1.0, 1.0));
     }
 
     #[test]
