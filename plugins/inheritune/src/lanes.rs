@@ -132,6 +132,19 @@ pub struct Matrix<'a, S> {
     pub widths: &'a [u32],
     /// τ·‖A‖²_F (with whatever slack the caller wants), in f64.
     pub threshold: f64,
+    /// A power of two the values are multiplied by (`scale_for`), the threshold by its square.
+    pub scale: f64,
+}
+
+/// The power of two that brings a matrix of Frobenius energy ‖A‖²_F = `energy` to an energy of about 1 to 4. Unscaled,
+/// float32 squares entries of 1e-12 to zero twice over (Gram, then Householder) and entries of 1e10 to infinity, and
+/// float64 does the same at 1e-80 and 1e80: k̂ came out wrong, in float32 even marked certain. Exact, so k* is kept.
+pub fn scale_for(energy: f64) -> f64 {
+    if energy > 0.0 && energy.is_finite() {
+        2f64.powi(-(energy.sqrt().log2().floor() as i32))
+    } else {
+        1.0
+    }
 }
 
 impl<R: Real> Solver<R> {
@@ -181,7 +194,7 @@ impl<R: Real> Solver<R> {
             for l in 0..LANES {
                 let m = &matrices[if l < matrices.len() { l } else { 0 }];
                 for (x, &y) in row.iter_mut().zip(&m.values[i * t..i * t + width]) {
-                    x[l] = R::of(y.into());
+                    x[l] = R::of(y.into() * m.scale);
                 }
             }
         }
@@ -361,7 +374,8 @@ impl<R: Real> Solver<R> {
                 let below = simd!(when self.simd; avx2::count_below(self, x), self.count_below(x));
                 for r in 0..4 {
                     // λ_{k+r+1} ≥ x exactly when at least k + r + 1 eigenvalues are not below x.
-                    let rank = R::of((t - k - r - 1) as f64);
+                    // As floats: past the last eigenvalue (t − k − r − 1 < 0) a usize would wrap, or panic in debug.
+                    let rank = R::of(t as f64 - (k + r + 1) as f64);
                     for l in 0..LANES {
                         if below[r][l] <= rank {
                             lo[r][l] = x[r][l];
@@ -406,7 +420,7 @@ impl<R: Real> Solver<R> {
 fn thresholds<S>(matrices: &[Matrix<S>]) -> Lanes<f64> {
     let mut out = [f64::INFINITY; LANES];
     for (o, m) in out.iter_mut().zip(matrices) {
-        *o = m.threshold;
+        *o = m.threshold * m.scale * m.scale;
     }
     out
 }
@@ -566,7 +580,10 @@ mod tests {
     fn ranks<R: Real>(solver: &mut Solver<R>, matrices: &[(Vec<f64>, Vec<u32>)], tau: f64) -> Vec<Estimate> {
         let group: Vec<Matrix<f64>> = matrices
             .iter()
-            .map(|(a, w)| Matrix { values: a, widths: w, threshold: tau * a.iter().map(|x| x * x).sum::<f64>() })
+            .map(|(a, w)| {
+                let energy = a.iter().map(|x| x * x).sum::<f64>();
+                Matrix { values: a, widths: w, threshold: tau * energy, scale: scale_for(energy) }
+            })
             .collect();
         solver.ranks(&group)
     }
@@ -600,6 +617,17 @@ mod tests {
         solver.simd = false;
         let portable: Vec<Estimate> = matrices.chunks(LANES).flat_map(|g| ranks(&mut solver, g, 0.9)).collect();
         assert_eq!(portable, alone, "the AVX2 build must compute what the portable one does");
+    }
+
+    #[test]
+    fn scale_for_brings_any_energy_near_1_by_a_power_of_two() {
+        for energy in [5e-324, 1e-320, 1e-30, 0.3, 1.0, 3.999, 4.0, 17.0, 1e30, 1e300, f64::MAX] {
+            let scale = scale_for(energy);
+            assert!(scale.to_bits() & ((1u64 << 52) - 1) == 0, "{energy:e}: {scale:e} is not a power of two");
+            // [1, 4) but for the rounding of the square root (f64::MAX: 1 − 2⁻⁵³).
+            assert!((0.99..4.0).contains(&(energy * scale * scale)), "{energy:e}: {scale:e}");
+        }
+        assert_eq!((scale_for(0.0), scale_for(f64::INFINITY), scale_for(f64::NAN)), (1.0, 1.0, 1.0));
     }
 
     #[test]

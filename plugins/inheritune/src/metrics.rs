@@ -1,7 +1,7 @@
 //! The math of the attention analyzers, on batches of attention matrices `[..., T, T]` (rows are
 //! queries, post-softmax, causal). Every function returns one value per matrix, shape `[...]`.
 
-use crate::lanes::{simd, Estimate, Matrix, Real, Solver, LANES};
+use crate::lanes::{scale_for, simd, Estimate, Matrix, Real, Solver, LANES};
 use rayon::prelude::*;
 use scalpel_sdk::prelude::*;
 
@@ -65,14 +65,19 @@ impl Host {
     /// The error for matrix `i`, whose energy is not finite.
     fn not_finite(&self, i: usize) -> scalpel_sdk::Error {
         scalpel_sdk::anyhow!(
-            "attention matrix {i} of a batch of {:?} holds NaN or infinite values: the forward pass overflowed; analyze \
-             in float32 or check the checkpoint",
+            "attention matrix {i} of a batch of {:?} holds NaN or infinite values (the forward pass overflowed: analyze \
+             in float32 or check the checkpoint), or entries near 1e154 or more, whose squares overflow float64 (scale \
+             them down)",
             self.batch
         )
     }
 
     fn slice<S: tch::kind::Element>(&self) -> Result<&[S]> {
         ensure!(self.values.kind() == S::KIND, "expected {:?} values, got {:?}", S::KIND, self.values.kind());
+        // An empty batch has a null data pointer, which a slice must not hold (the Ok came back as a garbage Err).
+        if self.values.numel() == 0 {
+            return Ok(&[]);
+        }
         // SAFETY: `values` is a contiguous CPU tensor of S, alive as long as the slice.
         Ok(unsafe { std::slice::from_raw_parts(self.values.data_ptr() as *const S, self.values.numel()) })
     }
@@ -87,6 +92,8 @@ impl Host {
 struct Facts {
     /// τ·(1 − slack)·‖A‖²_F.
     threshold: f64,
+    /// `lanes::scale_for(‖A‖²_F)`.
+    scale: f64,
     /// 1 + the last nonzero column of each row.
     widths: Vec<u32>,
     /// k* = 1 for certain.
@@ -108,7 +115,7 @@ fn ranks<S: Sample>(values: &[S], t: usize, tau: f64, certain: bool) -> Result<V
     }
     let mut open: Vec<usize> = (0..facts.len()).filter(|&i| !facts[i].rank1).collect();
     open.sort_by_key(|&i| facts[i].bound);
-    let matrix = |i: usize| Matrix { values: &values[i * n..(i + 1) * n], widths: &facts[i].widths, threshold: facts[i].threshold };
+    let matrix = |i: usize| Matrix { values: &values[i * n..(i + 1) * n], widths: &facts[i].widths, threshold: facts[i].threshold, scale: facts[i].scale };
     let (fast, mut unsure): (Vec<usize>, Vec<usize>) = open.iter().partition(|&&i| !facts[i].negative);
     let mut k = vec![1i64; facts.len()];
     for (i, estimate) in solve::<f32, S>(&fast, t, &matrix) {
@@ -140,12 +147,17 @@ fn solve<'a, R: Real, S: Sample + 'a>(indices: &[usize], t: usize, matrix: &(imp
 #[inline(always)]
 fn facts<S: Sample>(a: &[S], t: usize, fraction: f64) -> Facts {
     let Columns { mut energies, sums: u, widths, negative } = columns(a, t);
-    let threshold = fraction * energies.iter().sum::<f64>();
+    let energy = energies.iter().sum::<f64>();
+    let threshold = fraction * energy;
     let rows = || a.chunks_exact(t).zip(&widths).map(|(row, &w)| &row[..w as usize]);
     // One power step of AAᵀ from the all-ones vector: u = Aᵀ1, w = Au, and ‖Aᵀw‖²/‖w‖² ≤ σ₁² (a Rayleigh
     // quotient). AAᵀ is non-negative, so its top eigenvector is too (Perron) and overlaps the start; one step
     // already catches every k* = 1 matrix of real attention, and 60 % of them need it.
-    let w: Vec<f64> = rows().map(|row| dot(row, &u)).collect();
+    let mut w: Vec<f64> = rows().map(|row| dot(row, &u)).collect();
+    // w over its largest entry (any w gives a Rayleigh quotient): ‖Aᵀw‖² grows as the sixth power of the entries and
+    // overflowed from entries of about 1e50, and ∞/‖w‖² passed any matrix as rank 1.
+    let largest = w.iter().fold(0.0, |m: f64, &x| m.max(x));
+    w.iter_mut().for_each(|x| *x /= largest);
     let mut z = vec![0.0; t];
     for (row, &w) in rows().zip(&w) {
         for (z, &x) in z.iter_mut().zip(row) {
@@ -154,9 +166,10 @@ fn facts<S: Sample>(a: &[S], t: usize, fraction: f64) -> Facts {
     }
     let quotient = dot(&z, &z) / dot(&w, &w);
     // Every term is non-negative, so float64 errs by a relative γ's worth at most; a zero matrix gives NaN.
-    let rank1 = !negative && quotient * (1.0 - 4.0 * t as f64 * f64::EPSILON) >= threshold;
+    // Finite: ‖Aᵀw‖² can still overflow where ‖A‖²_F does not (entries near 1e152), and ∞ would pass any matrix.
+    let rank1 = !negative && quotient.is_finite() && quotient * (1.0 - 4.0 * t as f64 * f64::EPSILON) >= threshold;
     let bound = if rank1 { 1 } else { smallest_reaching(&mut energies, fraction) as usize };
-    Facts { threshold, widths, rank1, bound, negative }
+    Facts { threshold, scale: scale_for(energy), widths, rank1, bound, negative }
 }
 
 /// Σ xᵢyᵢ in float64, in four running sums (one would wait on the previous addition every step).
@@ -459,6 +472,136 @@ pub(crate) mod tests {
         }
     }
 
+    /// One matrix of kind `kind` (see `KINDS`), t × t, float64: the shapes the contract of `energy_rank` covers.
+    fn any_matrix(kind: usize, t: i64) -> Tensor {
+        let opts = (Kind::Double, Device::Cpu);
+        let rand = |r: i64, c: i64| Tensor::rand([r, c], opts);
+        let inner = 1 + (rand(1, 1).double_value(&[0, 0]) * 3.0) as i64;
+        match kind {
+            0 => attention_like(1, t).squeeze_dim(0),
+            1 => (Tensor::randn([t, t], opts) * 3.0).softmax(-1, Kind::Double),
+            // Zeros anywhere: rows whose nonzeros are not a prefix, zero rows and columns.
+            2 => rand(t, t) * rand(t, t).gt(0.4 + 0.55 * rand(1, 1).double_value(&[0, 0])).to_kind(Kind::Double),
+            3 => rand(t, t).triu(0),
+            4 => Tensor::randn([t, t], opts),
+            5 => rand(t, inner).matmul(&rand(inner, t)),
+            6 => Tensor::randn([t, inner], opts).matmul(&Tensor::randn([inner, t], opts)),
+            7 => Tensor::eye(t, opts) + rand(t, t) * 1e-3,
+            // Exact ties: a permutation, and rows sharing keys (σ² = how many rows share each key).
+            8 => Tensor::eye(t, opts).index_select(0, &Tensor::randperm(t, (Kind::Int64, Device::Cpu))),
+            9 => matrix(t, |i, j| (j == i / inner) as i64 as f64),
+            10 => Tensor::diag(&Tensor::randint(3, [t], opts), 0),
+            11 => rand(t, t) * rand(t, 1).gt(0.3).to_kind(Kind::Double) * rand(1, t).gt(0.3).to_kind(Kind::Double),
+            _ => Tensor::zeros([t, t], opts),
+        }
+    }
+    const KINDS: [&str; 13] = [
+        "causal attention",
+        "dense softmax",
+        "sparse",
+        "upper triangular",
+        "signed",
+        "low rank",
+        "signed low rank",
+        "near identity",
+        "permutation",
+        "shared keys",
+        "integer diagonal",
+        "zero rows and columns",
+        "zero",
+    ];
+
+    #[test]
+    fn energy_rank_and_mass_equal_the_definitions_on_any_matrix() {
+        tch::manual_seed(2026);
+        let (mut checked, mut wrong) = (0, vec![]);
+        for (round, t) in [1i64, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 16, 17, 31, 33].into_iter().enumerate() {
+            for single in [false, true] {
+                // A mixed batch of n (not a multiple of 8) with two batch dims; scales from tiny to huge.
+                let n = 6 + 11 * (round % 3) as i64;
+                let mut scales = vec![1.0, 1.0, 1.0, 1e-30, 1e-20, 1e-12, 1e12, 1e20];
+                if !single {
+                    scales.extend([1e-100, 1e60, 1e100]);
+                }
+                let labels: Vec<(usize, f64)> = (0..2 * n as usize).map(|i| ((i * 7 + round) % KINDS.len(), scales[(i * 5 + round / 2) % scales.len()])).collect();
+                let batch = Tensor::stack(&labels.iter().map(|&(kind, scale)| any_matrix(kind, t) * scale).collect::<Vec<_>>(), 0).reshape([2, n, t, t]);
+                let (batch, widened) = if single {
+                    let b = batch.to_kind(Kind::Float);
+                    let w = b.to_kind(Kind::Double);
+                    (b, w)
+                } else {
+                    (batch.shallow_clone(), batch)
+                };
+                let flat = widened.reshape([-1, t, t]);
+                for tau in [0.5, 0.9, 0.99] {
+                    let (k, m) = (energy_rank(&batch, tau, Kind::Double).unwrap(), mass(&batch, tau).unwrap());
+                    assert_eq!(k.size(), [2, n]);
+                    let (expected_k, expected_m) = (reference_rank(&flat, tau), reference_mass(&flat, tau));
+                    for (i, ((&k, &m), &(kind, scale))) in ints(&k).iter().zip(&ints(&m)).zip(&labels).enumerate() {
+                        let what = format!("matrix {i}: {} × {scale:e}, T = {t}, tau = {tau}, float32 input: {single}", KINDS[kind]);
+                        if (k, m) != (expected_k[i], expected_m[i]) {
+                            let values = Vec::<f64>::try_from(flat.get(i as i64).reshape([-1])).unwrap();
+                            wrong.push(format!("{what}: k* {k} (expected {}), m* {m} (expected {}), {values:?}", expected_k[i], expected_m[i]));
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{} of {checked} wrong:\n{}", wrong.len(), wrong.iter().map(|w| &w[..w.len().min(400)]).collect::<Vec<_>>().join("\n"));
+        assert!(checked > 2000, "{checked}");
+    }
+
+    #[test]
+    fn k_star_is_exact_a_hair_either_side_of_the_threshold() {
+        // τ a relative 1e-4 to 3e-8 either side of where k* steps: inside float32's margin, so only a sound
+        // certificate (or float64) keeps the answer exact.
+        tch::manual_seed(17);
+        let (mut checked, mut wrong) = (0, vec![]);
+        for t in [3i64, 7, 16, 33, 100] {
+            let batch = Tensor::stack(&(0..12).map(|i| any_matrix([0, 1, 2, 3, 5, 7][i % 6], t)).collect::<Vec<_>>(), 0);
+            let sigma: Vec<Vec<f64>> = Vec::try_from(batch.svd(true, false).1.square()).unwrap();
+            for (i, s) in sigma.iter().enumerate() {
+                let total: f64 = s.iter().sum();
+                let k = 1 + (i * 5) % t as usize;
+                let cum: f64 = s[..k].iter().sum();
+                for delta in [-1e-4, -1e-6, -1e-7, -3e-8, 3e-8, 1e-7, 1e-6, 1e-4] {
+                    let tau = cum / total * (1.0 + delta);
+                    if !(tau > 0.0 && tau < 1.0) {
+                        continue;
+                    }
+                    let a = batch.get(i as i64);
+                    let (found, expected) = (ints(&energy_rank(&a, tau, Kind::Double).unwrap())[0], reference_rank(&a.unsqueeze(0), tau)[0]);
+                    if found != expected {
+                        wrong.push(format!("T = {t}, matrix {i}, k = {k}, delta = {delta:e}: {found}, expected {expected}"));
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{} of {checked} wrong:\n{}", wrong.len(), wrong.join("\n"));
+        assert!(checked > 400, "{checked}");
+    }
+
+    #[test]
+    fn k_star_does_not_change_with_the_scale_of_the_matrix() {
+        // Unscaled, float32 squared 1e-12 to zero (and said "certain"), float64 did at 1e-100, both overflowed above,
+        // and the power step passed every matrix of entries ≥ 1e50 as rank 1 (identity × 1e60: 1, not 36).
+        let batch = Tensor::stack(&[identity(40), uniform(40), previous(40), sink(40) * 0.2 + uniform(40) * 0.8], 0);
+        let expected = reference_rank(&batch, 0.9);
+        assert_eq!(expected[..3], [36, 4, 35]);
+        for scale in [1e-30, 1e-20, 1e-12, 1e12, 1e20, 1e30] {
+            assert_eq!(ints(&energy_rank(&(&batch * scale).to_kind(Kind::Float), 0.9, Kind::Double).unwrap()), expected, "float32 × {scale:e}");
+        }
+        for scale in [1e-150, 1e-100, 1e-30, 1e-12, 1e12, 1e30, 1e60, 1e100, 1e150] {
+            assert_eq!(ints(&energy_rank(&(&batch * scale), 0.9, Kind::Double).unwrap()), expected, "float64 × {scale:e}");
+        }
+        // Half the rows all ones, the others on the diagonal: ‖Aᵀw‖² is 20 times ‖A‖²_F, and overflowed where ‖A‖²_F does not.
+        let block = matrix(40, |i, j| if i < 20 { 1.0 } else { (i == j) as i64 as f64 });
+        assert_eq!(reference_rank(&block.unsqueeze(0), 0.99), [13]);
+        assert_eq!(ints(&energy_rank(&(block * 3e152), 0.99, Kind::Double).unwrap()), [13]);
+    }
+
     #[test]
     fn zero_nan_and_negative_matrices() {
         let zeros = Tensor::zeros([2, 30, 30], (Kind::Float, Device::Cpu));
@@ -496,6 +639,11 @@ pub(crate) mod tests {
         assert_eq!(mass(&a, 0.9).unwrap().size(), [2, 3]);
         assert_eq!(entropy(&a).unwrap().1.size(), [2, 3]);
         assert!(energy_rank(&Tensor::ones([3, 4], (Kind::Double, Device::Cpu)), 0.9, Kind::Double).is_err());
+        // No matrices at all: a null data pointer, once read as a slice, crashed the process.
+        let none = Tensor::zeros([0, 2, 5, 5], (Kind::Float, Device::Cpu));
+        assert_eq!(energy_rank(&none, 0.9, Kind::Double).unwrap().size(), [0, 2]);
+        assert_eq!(mass(&none, 0.9).unwrap().size(), [0, 2]);
+        assert_eq!(entropy(&none).unwrap().0.size(), [0, 2]);
     }
 
     #[test]
