@@ -95,6 +95,11 @@ macro_rules! real {
 real!(f32);
 real!(f64);
 
+/// The element types of the matrices handed in (attention in float32, or float64).
+pub trait Sample: Copy + Into<f64> + Send + Sync {}
+impl Sample for f32 {}
+impl Sample for f64 {}
+
 /// k̂ of one matrix: the smallest k whose k largest eigenvalues, as computed, reach the threshold, and whether
 /// that holds for certain despite rounding (see `Solver::ranks`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,7 +178,7 @@ impl<R: Real> Solver<R> {
     /// exact for entries perturbed by a few ε), so the sum of the top j is within j·δ (Lidskii), plus the width
     /// of the brackets, which are the ones summed. Where k̂ reaches the threshold by that much and k̂ − 1 misses
     /// it by that much, k̂ = k*.
-    pub fn ranks<S: Copy + Into<f64>>(&mut self, matrices: &[Matrix<S>]) -> Vec<Estimate> {
+    pub fn ranks<S: Sample>(&mut self, matrices: &[Matrix<S>]) -> Vec<Estimate> {
         assert!(!matrices.is_empty() && matrices.len() <= LANES, "a group holds 1 to {LANES} matrices");
         // Each stage apart: inlined into a single body they ran about 1.7× slower.
         simd!(when self.simd; avx2::load(self, matrices), self.load(matrices));
@@ -184,7 +189,7 @@ impl<R: Real> Solver<R> {
 
     /// Interleaves the matrices into lanes; a group of fewer than `LANES` repeats its first matrix.
     #[inline(always)]
-    fn load<S: Copy + Into<f64>>(&mut self, matrices: &[Matrix<S>]) {
+    fn load<S: Sample>(&mut self, matrices: &[Matrix<S>]) {
         let t = self.t;
         let mut width = 0;
         for i in 0..t {
@@ -526,10 +531,10 @@ fn syr2_lower<R: Real>(g: &mut [Lanes<R>], t: usize, base: usize, v: &[Lanes<R>]
 /// compiled with these features.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Lanes, Matrix, Real, Solver};
+    use super::{Lanes, Matrix, Real, Sample, Solver};
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn load<R: Real, S: Copy + Into<f64>>(s: &mut Solver<R>, matrices: &[Matrix<S>]) {
+    pub unsafe fn load<R: Real, S: Sample>(s: &mut Solver<R>, matrices: &[Matrix<S>]) {
         s.load(matrices)
     }
 

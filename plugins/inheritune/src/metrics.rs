@@ -1,7 +1,7 @@
 //! The math of the attention analyzers, on batches of attention matrices `[..., T, T]` (rows are
 //! queries, post-softmax, causal). Every function returns one value per matrix, shape `[...]`.
 
-use crate::lanes::{scale_for, simd, Estimate, Matrix, Real, Solver, LANES};
+use crate::lanes::{scale_for, simd, Estimate, Matrix, Real, Sample, Solver, LANES};
 use rayon::prelude::*;
 use scalpel_sdk::prelude::*;
 
@@ -266,11 +266,6 @@ mod avx2 {
         super::columns(a, t)
     }
 }
-
-/// The element types of attention handed to the kernels.
-trait Sample: Copy + Into<f64> + Send + Sync {}
-impl Sample for f32 {}
-impl Sample for f64 {}
 
 /// Mean row entropy Hᵢ = −Σⱼ Aᵢⱼ log Aᵢⱼ (nats, 0·log 0 = 0), and the mean of Hᵢ / log i over rows
 /// i ≥ 2 (row i, 1-based, has i admissible keys; row 1 has one key and no choice, so it is left out).
