@@ -17,8 +17,8 @@ pub struct Windows {
 const MAX_CALIBRATION_TOKENS: usize = 1 << 28;
 
 /// Windows sampled from text when -n / `sequences` is not given, and their tokens when -t / `tokens` is not.
-pub const DEFAULT_WINDOWS: usize = 100;
-pub const DEFAULT_TOKENS: usize = 100;
+const DEFAULT_WINDOWS: usize = 100;
+const DEFAULT_TOKENS: usize = 100;
 
 pub struct Sampling {
     /// N, when given: windows sampled from text, or the first N rows of `[N, T]` token ids (none: all of them).
@@ -28,6 +28,13 @@ pub struct Sampling {
     pub seed: u64,
     /// Prepend the tokenizer's BOS token to every window (the paper does not).
     pub bos: bool,
+}
+
+impl Sampling {
+    /// N and T of windows drawn from a stream of tokens: as given, else 100 × 100.
+    pub fn windows_and_tokens(&self) -> (usize, usize) {
+        (self.sequences.unwrap_or(DEFAULT_WINDOWS), self.tokens.unwrap_or(DEFAULT_TOKENS))
+    }
 }
 
 impl Windows {
@@ -46,7 +53,7 @@ impl Windows {
     }
 
     fn from_text(path: &Path, tokenizer: &Tokenizer, s: &Sampling) -> Result<Self> {
-        let (sequences, tokens) = (s.sequences.unwrap_or(DEFAULT_WINDOWS), s.tokens.unwrap_or(DEFAULT_TOKENS));
+        let (sequences, tokens) = s.windows_and_tokens();
         if sequences == 0 || tokens < 2 {
             bail!("calibration needs at least one window of at least 2 tokens (got N={sequences}, T={tokens})");
         }

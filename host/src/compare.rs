@@ -126,8 +126,8 @@ pub fn run(c: &Compare, registry: &Registry, progress: &dyn Fn(&str)) -> Result<
     let windows = match &c.calibration {
         Some(cal) => Windows::load(&cal.file, || Tokenizer::for_model(&c.model, &ckpt.arch.family), ckpt.dims.vocab, &c.sampling)?,
         None => {
-            let n = c.sampling.sequences.unwrap_or(crate::calib::DEFAULT_WINDOWS).min(eval_ids.size()[0] as usize);
-            let t = c.sampling.tokens.unwrap_or(crate::calib::DEFAULT_TOKENS).min(c.eval_tokens);
+            let (n, t) = c.sampling.windows_and_tokens();
+            let (n, t) = (n.min(eval_ids.size()[0] as usize), t.min(c.eval_tokens));
             let ids = eval_ids.narrow(0, 0, n as i64).narrow(1, 0, t as i64).contiguous();
             Windows { ids, source: format!("the first {n} evaluation windows, their first {t} tokens") }
         }
