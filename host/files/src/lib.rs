@@ -10,6 +10,7 @@ use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, Once};
 
 /// What may be replaced at the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +96,30 @@ pub fn work_dir(dest: &Path) -> Result<tempfile::TempDir> {
     fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     clear_stale(&parent, &name);
     tempfile::Builder::new().prefix(&tmp_prefix(&name)).tempdir_in(&parent).with_context(|| format!("creating a temporary folder in {}", parent.display()))
+}
+
+/// A scratch folder beside `dest` (hidden) that lasts until this process exits, for what a whole
+/// process shares, such as a test run's imported model. A `TempDir` kept in a static is never
+/// dropped and would outlive the process; this folder is removed by an exit hook instead, and, if
+/// the process is killed, by the next caller with the same `dest`.
+pub fn process_dir(dest: &Path) -> Result<PathBuf> {
+    static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    static HOOK: Once = Once::new();
+    extern "C" fn remove_all() {
+        for dir in DIRS.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+    extern "C" {
+        fn atexit(hook: extern "C" fn()) -> std::ffi::c_int;
+    }
+    let dir = work_dir(dest)?.keep();
+    DIRS.lock().unwrap_or_else(|e| e.into_inner()).push(dir.clone());
+    // SAFETY: registers a plain function with the C runtime; it runs once, at exit().
+    HOOK.call_once(|| unsafe {
+        atexit(remove_all);
+    });
+    Ok(dir)
 }
 
 /// Moves a finished file to `dest` on the same filesystem, flushed first: `dest` is whole or absent.
@@ -281,6 +306,31 @@ mod tests {
 
     fn hidden(dir: &Path) -> Vec<String> {
         fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect()
+    }
+
+    #[test]
+    fn a_process_folder_lasts_until_the_process_exits() {
+        const CHILD: &str = "SCALPEL_FILES_PROCESS_DIR_DEST";
+        if let Ok(dest) = std::env::var(CHILD) {
+            // The child: make the folder, put a file in it, say where, and exit.
+            let dir = process_dir(Path::new(&dest)).unwrap();
+            fs::write(dir.join("model.bin"), "weights").unwrap();
+            println!("made {}", dir.display());
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let me = "tests::a_process_folder_lasts_until_the_process_exits";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", me, "--nocapture", "--test-threads", "1"])
+            .env(CHILD, root.path().join("shared"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        let made = stdout.split_whitespace().skip_while(|w| *w != "made").nth(1).unwrap_or_else(|| panic!("the child made no folder:\n{stdout}"));
+        assert!(Path::new(made).starts_with(root.path()), "{made}");
+        assert!(!Path::new(made).exists(), "{made} outlived its process");
+        assert!(hidden(root.path()).is_empty(), "{:?}", hidden(root.path()));
     }
 
     #[test]

@@ -6,15 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
-/// One scratch folder per fuzzing process, in /dev/shm where there is one (targets write files every run).
+/// One scratch folder per fuzzing process, in /dev/shm where there is one (targets write files
+/// every run), removed when the process exits.
 pub fn scratch() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let shm = Path::new("/dev/shm");
         let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
-        tempfile::Builder::new().prefix("scalpel-fuzz-").tempdir_in(base).expect("creating the fuzz scratch folder")
+        scalpel_files::process_dir(&base.join("scalpel-fuzz")).expect("creating the fuzz scratch folder")
     })
-    .path()
 }
 
 /// A fresh empty folder `name` inside the scratch folder.
