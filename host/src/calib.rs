@@ -83,6 +83,9 @@ impl Windows {
     /// The file's `[N, T]` ids, or the first -n rows and -t tokens of each when those are given: asked for
     /// and not used, they once went unnoticed.
     fn from_tensor_file(path: &Path, s: &Sampling) -> Result<Self> {
+        if s.bos {
+            bail!("--bos prepends BOS to windows sampled from text; {} holds token ids, used as they are: leave --bos out, or put the BOS id first in each row", path.display());
+        }
         let ids = read_token_ids(path)?;
         let (n, t) = (ids.size()[0] as usize, ids.size()[1] as usize);
         let (want_n, want_t) = (s.sequences.unwrap_or(n), s.tokens.unwrap_or(t));
@@ -371,6 +374,9 @@ mod tests {
             assert!(e.contains("holds 3 windows of 5 tokens") && e.contains("at most -n 3 -t 5"), "{e}");
         }
         assert!(load(Some(0), None).err().unwrap().to_string().contains("at least one window"));
+        // --bos was silently ignored too: the ids are used as they are, so it is refused.
+        let e = Windows::load(&path, text, 100, &Sampling { sequences: None, tokens: None, seed: 0, bos: true }).err().unwrap().to_string();
+        assert!(e.contains("--bos") && e.contains("leave --bos out"), "{e}");
     }
 
     #[test]
