@@ -122,9 +122,28 @@ fn builtin_plugins(repo: &Path) -> Result<Vec<String>> {
 }
 
 fn test(repo: &Path, extra: &[String]) -> Result<()> {
+    warn_if_temp_is_short();
     let mut args = vec!["test", "--release", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
     cargo(repo, &args)
+}
+
+/// The end-to-end tests hold three imported models (1.8 GB) and each test's outputs in the temporary folder
+/// at once. Short of that they fail one by one on "No space left on device": say so once, up front.
+fn warn_if_temp_is_short() {
+    const NEEDED: u64 = 4 << 30;
+    let tmp = std::env::temp_dir();
+    if let Ok(fs) = rustix::fs::statvfs(&tmp) {
+        let free = fs.f_bavail * fs.f_frsize;
+        if free < NEEDED {
+            eprintln!(
+                "xtask: warning: {} has {:.1} GB free; the end-to-end tests need about {} GB there: free some space or point TMPDIR elsewhere",
+                tmp.display(),
+                free as f64 / 1e9,
+                NEEDED >> 30
+            );
+        }
+    }
 }
 
 /// SmolLM2-135M as an HF folder under `runs/`, imported from its GGUF on first use.
