@@ -4,7 +4,7 @@
 use crate::inspect::{EvalData, Sampling};
 use crate::model::checkpoint::parse_dtype;
 use crate::recipe::{Calibration, Options, Recipe, Step};
-use crate::train::TrainConfig;
+use crate::train::{Precision, TrainConfig};
 use scalpel_sdk::cuda;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -372,13 +372,17 @@ struct CalibArgs {
     /// Prepend BOS to each window (the paper does not).
     #[arg(long)]
     bos: bool,
+    /// The forward pass over the windows: f32, or bf16 where the CPU or GPU has bf16 units (attention
+    /// probabilities are still softmaxed in f32).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
 }
 
 
 impl CalibArgs {
     fn calibration(&self) -> Option<Calibration> {
         let c = self.calib.clone()?;
-        Some(Calibration { file: c, sequences: self.sequences, tokens: self.tokens, seed: self.seed, bos: self.bos })
+        Some(Calibration { file: c, sequences: self.sequences, tokens: self.tokens, seed: self.seed, bos: self.bos, precision: self.precision })
     }
 }
 
@@ -502,7 +506,7 @@ pub fn parse() -> Result<Job> {
             let sampling = crate::calib::Sampling { sequences: calib.sequences, tokens: calib.tokens, seed: calib.seed, bos: calib.bos };
             let eval = EvalData::from_path(eval, calib.bos);
             let device = cli.device.clone();
-            Task::Compare(crate::compare::Compare { model, recipes, analyzers, calibration, sampling, eval, eval_tokens, eval_windows, heal, output, force, device })
+            Task::Compare(crate::compare::Compare { model, recipes, analyzers, calibration, sampling, precision: calib.precision, eval, eval_tokens, eval_windows, heal, output, force, device })
         }
         Command::Inheritune { resume: Some(run), .. } => Task::InherituneResume(run),
         Command::Inheritune { reference, data, val, output, resume: None, start, grow, max_rounds, growth, target, calib, cut, cut_sets, grow_with, grow_sets, force, print_recipe, train } => {
@@ -517,7 +521,7 @@ pub fn parse() -> Result<Job> {
                 grow_with,
                 grow_config: settings_table(&grow_sets)?,
             };
-            let calibration = calib.map(|file| Calibration { file, sequences: None, tokens: None, seed: 0, bos: false });
+            let calibration = calib.map(|file| Calibration { file, sequences: None, tokens: None, seed: 0, bos: false, precision: Precision::F32 });
             let step = Step::train(train);
             let recipe = Recipe { model: reference, data, val, output, calibration, device: cli.device.clone(), inheritune: Some(method), steps: vec![step], ..Recipe::default() };
             let out = OutputArgs { output: None, dry_run: false, force };
@@ -529,7 +533,7 @@ pub fn parse() -> Result<Job> {
             recipe.data = data.or(recipe.data);
             recipe.output = out.output.clone().or(recipe.output);
             if let Some(file) = calib {
-                let c = recipe.calibration.get_or_insert(Calibration { file: file.clone(), sequences: None, tokens: None, seed: 0, bos: false });
+                let c = recipe.calibration.get_or_insert(Calibration { file: file.clone(), sequences: None, tokens: None, seed: 0, bos: false, precision: Precision::F32 });
                 c.file = file;
             }
             recipe.device = cli.device.clone().or(recipe.device);

@@ -40,6 +40,8 @@ pub struct Compare {
     pub calibration: Option<Calibration>,
     /// With no calibration file: how many evaluation windows calibrate, and how many of their tokens.
     pub sampling: Sampling,
+    /// The analysis forward pass (`--precision`).
+    pub precision: crate::train::Precision,
     pub eval: EvalData,
     pub eval_tokens: usize,
     pub eval_windows: usize,
@@ -137,7 +139,7 @@ pub fn run(c: &Compare, registry: &Registry, progress: &dyn Fn(&str)) -> Result<
     // Last, so that nothing is created when a check above fails.
     let staging = stage(&c.output, c.force, RUN_RECORD)?;
     let dir = staging.path().to_path_buf();
-    let session = Session::new(&ckpt, device, Some(windows));
+    let session = Session::new(&ckpt, device, c.precision.kind(), Some(windows));
 
     // The evidence, once for every method.
     let mut reports = Reports::default();

@@ -79,7 +79,8 @@ pub fn run(recipe: &Recipe, registry: &Registry, opts: &Options, progress: &dyn 
     }
     let mut prepared = prepare(recipe, opts)?;
     let (windows, staging) = (prepared.windows.take(), prepared.staging.take());
-    let session = Session::new(&prepared.ckpt, prepared.device, windows);
+    let precision = recipe.calibration.as_ref().map(|c| c.precision).unwrap_or_default();
+    let session = Session::new(&prepared.ckpt, prepared.device, precision.kind(), windows);
     progress(&format!("{} ({} layers) on {}", prepared.ckpt.dir.display(), prepared.ckpt.dims.layers, session.info().device));
     let outcome = execute(recipe, std::mem::take(&mut prepared.reports), prepared.dtype, &session, registry, progress)?;
     let written = match staging {

@@ -3,7 +3,7 @@
 //! and `train` build one from their flags and run it the same way, so every ad-hoc command has an
 //! equivalent recipe (`--print-recipe`). This file is the recipe as data, nothing more.
 
-use crate::train::TrainConfig;
+use crate::train::{Precision, TrainConfig};
 use anyhow::{bail, Context, Result};
 use scalpel_sdk::ItemKind;
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,14 @@ pub struct Calibration {
     /// Prepend BOS to each window (the paper does not).
     #[serde(default)]
     pub bos: bool,
+    /// The forward pass over the windows: f32, or bf16 (weights and activations; attention probabilities
+    /// are still softmaxed in f32) where bf16 units make it faster.
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub precision: Precision,
+}
+
+fn is_f32(p: &Precision) -> bool {
+    *p == Precision::F32
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -18,6 +18,8 @@ pub struct Session<'a> {
     pub ckpt: &'a Checkpoint,
     info: ModelInfo,
     device: Device,
+    /// What the forward pass computes in: float32, or bfloat16 (`--precision bf16`).
+    kind: Kind,
     /// The streaming forward pass, made on first use (strategies that only plan never pay for it).
     net: RefCell<Option<Transformer>>,
     windows: Option<Windows>,
@@ -43,13 +45,14 @@ impl Drop for Stage<'_> {
 }
 
 impl<'a> Session<'a> {
-    pub fn new(ckpt: &'a Checkpoint, device: Device, windows: Option<Windows>) -> Self {
+    /// The forward pass runs in `kind` (Float or BFloat16); attention probabilities are float32 either way.
+    pub fn new(ckpt: &'a Checkpoint, device: Device, kind: Kind, windows: Option<Windows>) -> Self {
         let budget_mb: usize = std::env::var("SCALPEL_ATTENTION_CACHE_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
-        Self::with_attention_budget(ckpt, device, windows, budget_mb << 20)
+        Self::with_attention_budget(ckpt, device, kind, windows, budget_mb << 20)
     }
 
     /// A session that keeps at most `budget` bytes of attention.
-    pub fn with_attention_budget(ckpt: &'a Checkpoint, device: Device, windows: Option<Windows>, budget: usize) -> Self {
+    pub fn with_attention_budget(ckpt: &'a Checkpoint, device: Device, kind: Kind, windows: Option<Windows>, budget: usize) -> Self {
         let d = &ckpt.dims;
         let info = ModelInfo {
             family: ckpt.arch.family.clone(),
@@ -68,11 +71,11 @@ impl<'a> Session<'a> {
             calibration: windows.as_ref().map(|w| Calibration {
                 sequences: w.ids.size()[0] as usize,
                 tokens: w.ids.size()[1] as usize,
-                source: w.source.clone(),
+                source: if kind == Kind::Float { w.source.clone() } else { format!("{}, forward pass in {kind:?}", w.source) },
             }),
         };
         let attention = RefCell::new(((0..d.layers).map(|_| None).collect(), budget));
-        Session { ckpt, info, device, net: RefCell::new(None), windows, hidden: OnceCell::new(), attention, stage: RefCell::new(None) }
+        Session { ckpt, info, device, kind, net: RefCell::new(None), windows, hidden: OnceCell::new(), attention, stage: RefCell::new(None) }
     }
 
     /// Shows the progress of `name` (an analyzer) over the layers it pulls attention for, until the guard goes.
@@ -102,7 +105,7 @@ impl<'a> Session<'a> {
         {
             let mut net = self.net.borrow_mut();
             if net.is_none() {
-                *net = Some(Transformer::streaming(self.ckpt, self.device, Kind::Float)?);
+                *net = Some(Transformer::streaming(self.ckpt, self.device, self.kind)?);
             }
             net.as_mut().expect("made above").hold(self.ckpt, part)?;
         }
@@ -254,7 +257,7 @@ mod tests {
         let layers = ckpt.dims.layers;
         let layer_bytes = 2 * ckpt.dims.heads * 24 * 24 * 4;
         // All layers kept; one layer kept (the rest recomputed); none kept.
-        let sessions = [layers, 1, 0].map(|kept| Session::with_attention_budget(&ckpt, Device::Cpu, windows(), kept * layer_bytes));
+        let sessions = [layers, 1, 0].map(|kept| Session::with_attention_budget(&ckpt, Device::Cpu, Kind::Float, windows(), kept * layer_bytes));
         for layer in 0..layers {
             let a: Vec<Tensor> = sessions.iter().map(|s| s.attention(layer).unwrap()).collect();
             assert_eq!(a[0].size(), [2, ckpt.dims.heads as i64, 24, 24]);
@@ -273,5 +276,24 @@ mod tests {
         let kept = sessions[0].attention(1).unwrap();
         assert_eq!(kept.data_ptr(), sessions[0].attention(1).unwrap().data_ptr(), "kept attention is handed out without a copy");
         assert!(sessions[0].attention.borrow().0.iter().all(Option::is_some), "the recomputed layer is kept again");
+    }
+
+    #[test]
+    fn a_bf16_pass_gives_float32_attention_within_bf16_error_of_the_float32_pass() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/tiny-llama");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let windows = || Some(Windows { ids: Tensor::arange(2 * 24, (Kind::Int64, Device::Cpu)).remainder(50).reshape([2, 24]), source: "test".into() });
+        let [f32, bf16] = [Kind::Float, Kind::BFloat16].map(|kind| Session::new(&ckpt, Device::Cpu, kind, windows()));
+        assert!(bf16.info().calibration.as_ref().unwrap().source.contains("BFloat16"), "the record says how the pass ran");
+        let mut worst = 0.0f64;
+        for layer in 0..ckpt.dims.layers {
+            let (a, b) = (f32.attention(layer).unwrap(), bf16.attention(layer).unwrap());
+            assert_eq!(b.kind(), Kind::Float, "analyzers get float32 probabilities");
+            let rows = b.sum_dim_intlist(-1, false, Kind::Double);
+            assert!(rows.allclose(&rows.ones_like(), 1e-5, 1e-5, false), "layer {layer}: rows sum to 1");
+            worst = worst.max((&a - &b).abs().max().double_value(&[]));
+        }
+        // bf16 keeps 8 bits of mantissa: the probabilities move by a few 1e-3, never by 0 (it did run in bf16).
+        assert!(worst > 0.0 && worst < 0.05, "largest difference {worst}");
     }
 }

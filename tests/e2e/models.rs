@@ -46,6 +46,23 @@ fn analyze_reports_every_layer_and_writes_reports_and_figures() {
 }
 
 #[test]
+fn a_bf16_analysis_says_so_and_its_recipe_runs_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = token_ids_npy(dir.path(), 4, 10, 103);
+    let first = dir.path().join("bf16");
+    let out = run(scalpel().args(["analyze", "-a", "attn-rank", "--precision", "bf16"]).arg(tiny("tiny-llama")).arg("--calib").arg(&ids).arg("-o").arg(&first)).success();
+    assert!(out.stdout.contains("forward pass in BFloat16"), "{}", out.stdout);
+    let recipe = std::fs::read_to_string(first.join("recipe.toml")).unwrap();
+    assert!(recipe.contains("precision = \"bf16\""), "{recipe}");
+    let again = dir.path().join("again");
+    run(scalpel().arg("run").arg(first.join("recipe.toml")).arg("-o").arg(&again)).success();
+    let ranks = |d: &std::path::Path| std::fs::read_to_string(d.join("heads-max-rank.csv")).unwrap();
+    assert_eq!(ranks(&first), ranks(&again));
+    let out = run(scalpel().args(["analyze", "-a", "attn-rank", "--precision", "f16"]).arg(tiny("tiny-llama")).arg("--calib").arg(&ids)).failure();
+    assert!(out.stderr.contains("f32") && out.stderr.contains("bf16"), "{}", out.stderr);
+}
+
+#[test]
 fn a_recipe_runs_analyzers_and_strategies_into_one_output() {
     let dir = tempfile::tempdir().unwrap();
     let ids = token_ids_npy(dir.path(), 4, 10, 103);

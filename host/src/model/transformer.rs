@@ -275,7 +275,9 @@ impl Transformer {
         let t = q.size()[2];
         let scores = q.matmul(&k.transpose(-2, -1)) * self.family.scale(i);
         let allowed = self.mask(i, t, t).unwrap_or_else(|| causal(t, t, None, self.device));
-        Ok(scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY).softmax(-1, self.kind))
+        // Softmaxed in float32 whatever the pass's kind, as transformers' eager attention does: analyzers
+        // read these probabilities, and bf16's 8-bit mantissa would round most of them.
+        Ok(scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Float))
     }
 
     /// Which keys each query may see, `[tq, tk]` (true: attend), when plain causal attention over the

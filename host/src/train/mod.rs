@@ -123,14 +123,23 @@ pub enum Schedule {
     Constant,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
+    #[default]
     F32,
     Bf16,
 }
 
 impl Precision {
+    /// The kind of a forward pass run wholly in this precision (analysis).
+    pub fn kind(self) -> Kind {
+        match self {
+            Precision::F32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+        }
+    }
+
     /// The kind matrix products run in under mixed precision; `None`: everything in float32.
     fn amp(self) -> Option<Kind> {
         match self {
