@@ -164,7 +164,8 @@ enum Command {
         #[arg(short, long, required_unless_present_any = ["resume", "export"])]
         output: Option<PathBuf>,
         /// Continue the run in this folder from its last checkpoint, with its settings.
-        #[arg(long, value_name = "RUN", conflicts_with_all = ["model", "data", "output", "val"])]
+        // Its settings are train.json's: a training flag given beside it was once silently ignored.
+        #[arg(long, value_name = "RUN", conflicts_with_all = ["model", "data", "output", "val", "force", "print_recipe", "export"], conflicts_with_all = crate::train::FLAGS)]
         resume: Option<PathBuf>,
         /// Replace the run folder if it exists.
         #[arg(long)]
@@ -232,7 +233,8 @@ enum Command {
         #[arg(short, long, required_unless_present = "resume")]
         output: Option<PathBuf>,
         /// Continue the run in this folder at the round and step it reached.
-        #[arg(long, value_name = "RUN", conflicts_with_all = ["reference", "data", "output", "val"])]
+        // Its settings are inheritune.json's: a flag of the loop or its training given beside it was once silently ignored.
+        #[arg(long, value_name = "RUN", conflicts_with_all = ["reference", "data", "output", "val", "start", "grow", "max_rounds", "growth", "target", "calib", "cut", "cut_sets", "grow_with", "grow_sets", "force", "print_recipe"], conflicts_with_all = crate::train::FLAGS)]
         resume: Option<PathBuf>,
         /// First round's depth: auto (the analyzers' profile and the paper's rule), half (L/2), or a number.
         #[arg(long, default_value = "half")]

@@ -254,3 +254,24 @@ fn the_cut_and_heal_recipe_profiles_cuts_and_trains_in_one_run() {
     }
     assert_eq!(log(&out.join("train")).len(), 4);
 }
+
+#[test]
+fn settings_given_beside_resume_are_refused_not_ignored() {
+    // `train --resume RUN --steps 200` once continued with train.json's steps and said nothing of --steps.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    run(&mut train_cmd("tiny-llama", &out, Some(2), &[])).success();
+    for flags in [&["--steps", "4"][..], &["--lr", "1"], &["--eval-every", "1"], &["--force"]] {
+        let r = run(scalpel1().arg("train").arg("--resume").arg(&out).args(flags)).failure();
+        assert!(r.stderr.contains("--resume") && r.stderr.contains(flags[0]) && r.stderr.contains("cannot be used with"), "{flags:?}: {}", r.stderr);
+        assert!(!r.stderr.contains("--min-lr"), "only the flags given are named: {}", r.stderr);
+    }
+    assert_eq!(log(&out).len(), 2, "nothing trained");
+    // The loop's own flags and its training's, beside inheritune --resume.
+    for flags in [&["--grow", "3"][..], &["--steps", "9"], &["--max-rounds", "5"]] {
+        let r = run(scalpel1().arg("inheritune").arg("--resume").arg(&out).args(flags)).failure();
+        assert!(r.stderr.contains("--resume") && r.stderr.contains(flags[0]) && r.stderr.contains("cannot be used with"), "{flags:?}: {}", r.stderr);
+    }
+    // --device is where to run, not a setting of the run: it stays allowed.
+    run(scalpel1().args(["--device", "cpu", "train", "--resume"]).arg(&out)).success();
+}

@@ -92,6 +92,11 @@ pub struct TrainConfig {
     pub save_every: u64,
 }
 
+/// The argument ids of `TrainConfig`'s flags, one by one: `--resume` refuses them (a run's settings are its
+/// train.json's), and clap names only those given when they are listed singly rather than as their group.
+pub const FLAGS: [&str; 17] =
+    ["steps", "batch", "seq", "grad_accum", "lr", "min_lr", "warmup", "schedule", "weight_decay", "clip", "seed", "shuffle", "dtype", "init", "eval_every", "eval_windows", "save_every"];
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -575,6 +580,13 @@ mod tests {
 
     fn entry(step: u64) -> String {
         format!("{}\n", json!({ "step": step, "loss": 4.5, "lr": 1e-4 }))
+    }
+
+    #[test]
+    fn flags_lists_every_training_flag() {
+        use clap::Args;
+        let ids: Vec<String> = TrainConfig::augment_args(clap::Command::new("train")).get_arguments().map(|a| a.get_id().to_string()).collect();
+        assert_eq!(ids, FLAGS, "FLAGS must name every TrainConfig flag, or --resume lets the missing one through unread");
     }
 
     #[test]
