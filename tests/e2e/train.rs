@@ -275,3 +275,28 @@ fn settings_given_beside_resume_are_refused_not_ignored() {
     // --device is where to run, not a setting of the run: it stays allowed.
     run(scalpel1().args(["--device", "cpu", "train", "--resume"]).arg(&out)).success();
 }
+
+#[test]
+fn a_run_resumes_after_the_model_it_started_from_is_gone() {
+    // The model folder a run starts from (a cut, say) may be removed or replaced once the run has checkpoints;
+    // every save after a resume still read its companion files from there, and failed after the work.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(tiny("tiny-llama")).unwrap().flatten() {
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(model.join("tokenizer_config.json"), "{}").unwrap();
+    let out = dir.path().join("run");
+    let (batches, expected) = golden("tiny-llama");
+    let s = &expected["settings"];
+    let mut cmd = scalpel1();
+    cmd.arg("train").arg(&model).arg("--data").arg(&batches).arg("-o").arg(&out).args(["--steps", "150", "--save-every", "2", "--shuffle", "false"]);
+    cmd.arg("--batch").arg(s["batch"].to_string()).arg("--seq").arg(s["seq"].to_string());
+    kill_after(cmd, &out, 5);
+    assert!(out.join("checkpoint/trainer.json").exists() && log(&out).len() < 150, "killed after a checkpoint, before the end");
+    std::fs::remove_dir_all(&model).unwrap();
+    run(scalpel1().arg("train").arg("--resume").arg(&out)).success();
+    assert_eq!(log(&out).len(), 150);
+    assert!(out.join("model/tokenizer_config.json").exists(), "the companions travel with the checkpoints");
+}

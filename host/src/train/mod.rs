@@ -546,7 +546,9 @@ fn save(out: &Path, ckpt: &Checkpoint, net: &Transformer, opt: &AdamW, state: &T
     });
     let mut config = ckpt.config.clone();
     config["torch_dtype"] = json!("float32");
-    let folder = Folder { config: &config, companions_from: Some(&run.model), extra_files: vec![], record: &record };
+    // Tokenizer and generation files come from the model being trained: a resumed run's is its last checkpoint, and
+    // the folder the run started from may be gone by then (it once failed the first save after resuming).
+    let folder = Folder { config: &config, companions_from: Some(&ckpt.dir), extra_files: vec![], record: &record };
     write_model(&staging.path().join("model"), false, folder, net.params.out_tensors(safetensors::Dtype::F32), DEFAULT_SHARD_BYTES)?;
     opt.save(&staging.path().join("optimizer.safetensors"))?;
     std::fs::write(staging.path().join(TRAINER_STATE), serde_json::to_string_pretty(state)? + "\n")?;
