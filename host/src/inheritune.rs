@@ -258,7 +258,9 @@ fn start(s: &Settings, force: bool, progress: &dyn Fn(&str)) -> Result<State> {
     let reference = Checkpoint::open(&s.reference)?;
     // Every round trains on this data with these settings, and a round's model has the reference's vocabulary and
     // context: checked here, a bad id or a too-short file no longer fails round 1 inside a run folder already made.
-    let run = train::Run { model: s.reference.clone(), data: s.data.clone(), val: s.val.clone(), output: s.output.clone(), config: s.train.clone() };
+    // The loop sets eval_every itself; a missing validation split is named below as the loop's own need.
+    let config = TrainConfig { eval_every: 0, ..s.train.clone() };
+    let run = train::Run { model: s.reference.clone(), data: s.data.clone(), val: s.val.clone(), output: s.output.clone(), config };
     let data = train::check_against(&run, &reference, train::Spelling::Flags)?;
     let val = data.val.context("inheritune compares validation losses: the data has no validation split; give --val DATA")?;
     if let StartAt::Layers(l) = s.method.start {

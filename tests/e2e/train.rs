@@ -246,6 +246,8 @@ fn the_cut_and_heal_recipe_profiles_cuts_and_trains_in_one_run() {
     let recipe = repo().join("examples/recipes/cut-and-heal.toml");
     // The example's sizes are for real models; the tiny model gets shorter windows through a copy.
     let text = std::fs::read_to_string(&recipe).unwrap().replace("steps = 100, batch = 8, seq = 256", "steps = 4, batch = 4, seq = 32").replace("sequences = 100\ntokens = 100", "sequences = 4\ntokens = 16");
+    // The batches have no validation split of their own, and the recipe measures one (eval_every): they serve as it.
+    let text = format!("val = {:?}\n{text}", batches.display().to_string());
     let copy = dir.path().join("cut-and-heal.toml");
     std::fs::write(&copy, text).unwrap();
     run(scalpel1().arg("run").arg(&copy).arg("--model").arg(tiny("tiny-llama")).arg("--calib").arg(&batches).arg("--data").arg(&batches).arg("-o").arg(&out)).success();
@@ -299,4 +301,18 @@ fn a_run_resumes_after_the_model_it_started_from_is_gone() {
     run(scalpel1().arg("train").arg("--resume").arg(&out)).success();
     assert_eq!(log(&out).len(), 150);
     assert!(out.join("model/tokenizer_config.json").exists(), "the companions travel with the checkpoints");
+}
+
+#[test]
+fn eval_every_without_validation_data_is_refused() {
+    // The golden batches are `[N, T]` ids with no validation split: --eval-every once trained without a word
+    // and logged no validation loss at all.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let r = run(&mut train_cmd("tiny-llama", &out, Some(2), &["--eval-every", "1"])).failure();
+    assert!(r.stderr.contains("--eval-every 1") && r.stderr.contains("no validation split") && r.stderr.contains("--val"), "{}", r.stderr);
+    assert!(!out.exists(), "nothing written");
+    let (batches, _) = golden("tiny-llama");
+    run(&mut train_cmd("tiny-llama", &out, Some(2), &["--eval-every", "1", "--val"]).arg(&batches)).success();
+    assert!(log(&out).iter().all(|l| l.3.is_some()), "a validation loss at every step");
 }

@@ -357,6 +357,14 @@ fn open_data(run: &Run, ckpt: &Checkpoint, spelling: Spelling) -> Result<Dataset
     if let Some(val) = &run.val {
         data.val = Some(Dataset::open(val)?.train);
     }
+    if data.val.is_none() && run.config.eval_every > 0 {
+        // Without a split the run would train on and never measure one, as if the setting were not given.
+        let fix = match spelling {
+            Spelling::Flags => "give validation data with --val, or train on a `scalpel data tokenize` folder (it has a validation split)",
+            Spelling::HealSet => "give --data a `scalpel data tokenize` folder (it has a validation split), or leave eval_every out",
+        };
+        bail!("{} measures the validation loss, but {} has no validation split: {fix}", spelling.set("eval_every", &run.config.eval_every), run.data.display());
+    }
     let vocab = ckpt.dims.vocab;
     for (split, tokens) in [("training", Some(&data.train)), ("validation", data.val.as_ref())] {
         if let Some(t) = tokens {
