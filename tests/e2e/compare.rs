@@ -127,7 +127,34 @@ fn compare_names_its_own_options_for_windows_the_data_cannot_give() {
     assert!(e.contains("shorter than windows of 64") && e.contains("set --heal-set seq to 32 or less") && !e.contains("--seq"), "{e}");
     let e = attempt(&["--eval-tokens", "32", "--heal-steps", "1", "--heal-set", "seq=200"]);
     assert!(e.contains("--heal-set seq=200 exceeds the model's context") && !e.contains("--seq"), "{e}");
-    let e = attempt(&["--eval-tokens", "64"]);
+    let e = attempt(&["--eval-tokens", "64", "--heal-steps", "1", "--heal-set", "seq=32"]);
     assert!(e.contains("set --eval-tokens to 32 or less") && !e.contains("--tokens,") && !e.contains("(train"), "{e}");
     assert!(!out.exists(), "nothing written");
+}
+
+#[test]
+fn healing_options_without_a_healing_budget_are_refused() {
+    // --data and --heal-set without --heal-steps once ran a zero-shot comparison and dropped them without a word;
+    // --heal-set steps=N was replaced by --heal-steps.
+    let dir = tempfile::tempdir().unwrap();
+    let cutoff = recipe(dir.path(), "cut", "[[step]]\nstrategy = \"cutoff\"\nconfig = { keep = 2 }\n");
+    let batches = repo().join("tests/data/train/tiny-llama-batches.safetensors");
+    let out = dir.path().join("cmp");
+    let attempt = |args: &[&str]| {
+        let mut cmd = scalpel();
+        cmd.arg("compare").arg(tiny("tiny-llama")).arg("--recipes").arg(&cutoff).arg("--eval").arg(&batches).args(["--eval-tokens", "32"]);
+        run(cmd.args(args).arg("-o").arg(&out)).failure().stderr
+    };
+    let data = batches.to_str().unwrap();
+    for args in [&["--data", data][..], &["--heal-set", "lr=1e-4"]] {
+        let e = attempt(args);
+        assert!(e.contains("--heal-steps N") && e.contains(args[0]), "{args:?}: {e}");
+    }
+    let e = attempt(&["--data", data, "--heal-steps", "2", "--heal-set", "steps=5"]);
+    assert!(e.contains("--heal-set steps=N") && e.contains("--heal-steps N"), "{e}");
+    assert!(!out.exists(), "nothing written");
+    // An explicit --heal-steps 0 is a zero-shot comparison with the healing set-up unused, as examples/compare/run.sh runs it.
+    let mut cmd = scalpel();
+    cmd.arg("compare").arg(tiny("tiny-llama")).arg("--recipes").arg(&cutoff).arg("--eval").arg(&batches).args(["--eval-tokens", "32"]);
+    run(cmd.args(["--heal-steps", "0", "--data", data, "--heal-set", "lr=1e-4"]).arg("-o").arg(&out)).success();
 }
