@@ -137,6 +137,21 @@ impl Settings {
         let (Some(mut train), 1) = (r.steps.iter().find_map(|s| s.train.clone()), r.steps.len()) else {
             bail!("an Inheritune recipe has exactly one step, `train = {{ … }}` (the training of each round); cut and growth are set in [inheritune]");
         };
+        // What the loop would not read is refused, not dropped: it once ran without a word of these.
+        for (key, given) in [("dtype", r.dtype.is_some()), ("reports", r.reports.is_some()), ("regime", r.regime.is_some())] {
+            if given {
+                bail!("the Inheritune loop does not read `{key}` (every round is a float32 cutoff of the reference, trained): remove it from the recipe");
+            }
+        }
+        let method = r.inheritune.clone().unwrap_or_default();
+        if let Some(c) = &r.calibration {
+            if method.start != StartAt::Auto {
+                bail!("the calibration {} is read only to choose the first depth (`start = \"auto\"`, --start auto): remove it, or start at auto", c.file.display());
+            }
+            if c.sequences.is_some() || c.tokens.is_some() || c.seed != 0 || c.bos {
+                bail!("the Inheritune loop reads only the calibration's `file` (all of its windows of token ids, or 100 windows of 100 tokens of text, as the paper): remove `sequences`, `tokens`, `seed` and `bos`, or give [N, T] ids made to measure");
+            }
+        }
         if train.eval_every == 0 {
             // Each round's curve needs a few validation points to be worth drawing.
             train.eval_every = (train.steps / 5).max(1);
@@ -147,7 +162,7 @@ impl Settings {
             val: r.val.as_ref().map(std::path::absolute).transpose()?,
             calib: r.calibration.as_ref().map(|c| std::path::absolute(&c.file)).transpose()?,
             output: abs(&r.output, "output")?,
-            method: r.inheritune.clone().unwrap_or_default(),
+            method,
             train,
             device: r.device.clone(),
         })
