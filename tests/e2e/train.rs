@@ -316,3 +316,53 @@ fn eval_every_without_validation_data_is_refused() {
     run(&mut train_cmd("tiny-llama", &out, Some(2), &["--eval-every", "1", "--val"]).arg(&batches)).success();
     assert!(log(&out).iter().all(|l| l.3.is_some()), "a validation loss at every step");
 }
+
+/// A copy of tiny-llama (103 ids) in `dir` with a word-level tokenizer.json whose `<s>` is id `bos`.
+fn tiny_llama_with_tokenizer(dir: &Path, bos: u32) -> PathBuf {
+    std::fs::create_dir(dir).unwrap();
+    for entry in std::fs::read_dir(tiny("tiny-llama")).unwrap().flatten() {
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let mut vocab = serde_json::Map::new();
+    for (i, word) in ["<unk>", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "."].iter().enumerate() {
+        vocab.insert(word.to_string(), (i as u32 + 20).into());
+    }
+    vocab.insert("<s>".into(), bos.into());
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": { "type": "Whitespace" }, "post_processor": null, "decoder": null,
+        "model": { "type": "WordLevel", "vocab": vocab, "unk_token": "<unk>" }
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn data_tokenized_for_another_tokenizer_is_refused() {
+    // Ids below the model's vocabulary size passed the only check there was, though another tokenizer made them
+    // (SmolLM2's data on a Qwen model): the run trained on tokens that mean other words.
+    let dir = tempfile::tempdir().unwrap();
+    let mine = tiny_llama_with_tokenizer(&dir.path().join("mine"), 1);
+    let other = tiny_llama_with_tokenizer(&dir.path().join("other"), 2);
+    let docs = dir.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    for i in 0..10 {
+        std::fs::write(docs.join(format!("{i}.txt")), "the quick brown fox jumps over the lazy dog . ".repeat(8 + i)).unwrap();
+    }
+    let data = dir.path().join("data");
+    run(scalpel().args(["data", "tokenize"]).arg(&docs).arg("--tokenizer").arg(&mine).arg("-o").arg(&data)).success();
+    let out = dir.path().join("run");
+    let train = |model: &Path| {
+        let mut cmd = scalpel1();
+        cmd.arg("train").arg(model).arg("--data").arg(&data).arg("-o").arg(&out).args(["--steps", "1", "--batch", "2", "--seq", "16", "--eval-windows", "1"]);
+        cmd
+    };
+    let r = run(&mut train(&other)).failure();
+    assert!(r.stderr.contains("was tokenized with the tokenizer of") && r.stderr.contains("has it as id 2") && r.stderr.contains("--tokenizer"), "{}", r.stderr);
+    assert!(!out.exists(), "nothing written");
+    // The same data as validation beside other training data is checked alike.
+    let (batches, _) = golden("tiny-llama");
+    let r = run(scalpel1().arg("train").arg(&other).arg("--data").arg(&batches).arg("--val").arg(&data).arg("-o").arg(&out).args(["--seq", "16"])).failure();
+    assert!(r.stderr.contains("was tokenized with the tokenizer of"), "{}", r.stderr);
+    run(&mut train(&mine)).success();
+}

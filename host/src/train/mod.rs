@@ -354,8 +354,11 @@ pub fn resume(out: &Path, device: Device) -> Result<Summary> {
 
 fn open_data(run: &Run, ckpt: &Checkpoint, spelling: Spelling) -> Result<Dataset> {
     let mut data = Dataset::open(&run.data)?;
+    data.check_tokenizer(&run.data, &ckpt.dir, &ckpt.arch.family)?;
     if let Some(val) = &run.val {
-        data.val = Some(Dataset::open(val)?.train);
+        let v = Dataset::open(val)?;
+        v.check_tokenizer(val, &ckpt.dir, &ckpt.arch.family)?;
+        data.val = Some(v.train);
     }
     if data.val.is_none() && run.config.eval_every > 0 {
         // Without a split the run would train on and never measure one, as if the setting were not given.
