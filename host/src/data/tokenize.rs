@@ -31,8 +31,19 @@ pub fn tokenize(o: &Options) -> Result<Manifest> {
     let (tokenizer, info) = load_tokenizer(&o.tokenizer)?;
     let mut sources = Vec::new();
     let mut docs = Vec::new();
+    // Each document's file, and the input that named it: a document read twice could land in both splits.
+    let mut read_from: std::collections::HashMap<PathBuf, &str> = std::collections::HashMap::new();
     for input in &o.inputs {
-        let (mut info, texts) = read_input(input)?;
+        let (mut info, texts, files) = read_input(input)?;
+        for file in files {
+            let file = file.canonicalize().with_context(|| format!("resolving {}", file.display()))?;
+            if let Some(first) = read_from.insert(file.clone(), input) {
+                bail!(
+                    "{} is read twice (through `{first}` and `{input}`): a document given twice can land in both splits, and the validation loss then measures text trained on; name each document once",
+                    file.display()
+                );
+            }
+        }
         let before = docs.len();
         docs.extend(texts.into_iter().filter(|t| !t.trim().is_empty()));
         info.documents = docs.len() - before;
@@ -111,15 +122,15 @@ fn load_tokenizer(model: &Path) -> Result<(Tokenizer, TokenizerInfo)> {
     Ok((tokenizer, info))
 }
 
-/// One input's documents: an existing file (one document) or folder (each `.txt`, sorted), else a source name
-/// (fetched now if it is not cached).
-fn read_input(input: &str) -> Result<(SourceInfo, Vec<String>)> {
+/// One input's documents and their files: an existing file (one document) or folder (each `.txt`, sorted), else a
+/// source name (fetched now if it is not cached).
+fn read_input(input: &str) -> Result<(SourceInfo, Vec<String>, Vec<PathBuf>)> {
     let path = Path::new(input);
     // Anything there that is not a folder is a document: a FIFO or device is refused by name, not taken for a source.
     if path.exists() && !path.is_dir() {
         let text = scalpel_files::read_regular_string(path).with_context(|| format!("reading {}", path.display()))?;
         let info = SourceInfo { name: input.into(), path: path.into(), sha256: sha256_file(path)?, documents: 1 };
-        return Ok((info, vec![text]));
+        return Ok((info, vec![text], vec![path.to_path_buf()]));
     }
     let (name, dir, pinned) = if path.is_dir() {
         (input.to_string(), path.to_path_buf(), None)
@@ -146,7 +157,7 @@ fn read_input(input: &str) -> Result<(SourceInfo, Vec<String>)> {
         texts.push(text);
     }
     let sha256 = pinned.map_or_else(|| hex(&hasher.finalize()), String::from);
-    Ok((SourceInfo { name, path: dir, sha256, documents: texts.len() }, texts))
+    Ok((SourceInfo { name, path: dir, sha256, documents: texts.len() }, texts, files))
 }
 
 #[cfg(test)]

@@ -365,6 +365,34 @@ pub struct Dataset {
     pub source: String,
     /// Files read, for checksums in record.json.
     pub files: Vec<PathBuf>,
+    /// The tokenizer that made the ids, when a manifest says (a bare token file does not).
+    pub tokenizer: Option<TokenizerInfo>,
+}
+
+impl Dataset {
+    /// Refuses ids made by another tokenizer than `model`'s: its separator must be the same token at the same id.
+    /// A model with no tokenizer of its own has nothing to compare with. The vocabulary-size check alone let data of
+    /// a smaller vocabulary (SmolLM2's, on a Qwen model) train on tokens that mean other words.
+    pub fn check_tokenizer(&self, data: &Path, model: &Path, family: &str) -> Result<()> {
+        let (Some(info), Ok(tokenizer)) = (&self.tokenizer, crate::model::tokenizer::Tokenizer::for_model(model, family)) else { return Ok(()) };
+        let id = match &tokenizer {
+            crate::model::tokenizer::Tokenizer::Hf(t) => t.token_to_id(&info.separator),
+            crate::model::tokenizer::Tokenizer::Gpt2(_) => (info.separator == "<|endoftext|>").then_some(50256),
+        };
+        if id == Some(info.separator_id) {
+            return Ok(());
+        }
+        let theirs = id.map_or("has no such token".to_string(), |i| format!("has it as id {i}"));
+        bail!(
+            "{} was tokenized with the tokenizer of {} ({} is id {}), and {}'s tokenizer {theirs}: the ids would mean other tokens. Tokenize the text again for this model: scalpel data tokenize SOURCES --tokenizer {} -o DIR",
+            data.display(),
+            info.model.display(),
+            info.separator,
+            info.separator_id,
+            model.display(),
+            model.display()
+        );
+    }
 }
 
 impl Dataset {
@@ -385,7 +413,7 @@ impl Dataset {
             Store::Stream(s) => format!("{} {} tokens from {}", s.len, s.dtype.name(), path.display()),
             Store::Rows(t) => format!("token rows {:?} from {}", t.size(), path.display()),
         };
-        Ok(Dataset { train, val: None, source, files: vec![path.to_path_buf()] })
+        Ok(Dataset { train, val: None, source, files: vec![path.to_path_buf()], tokenizer: None })
     }
 
     fn open_folder(dir: &Path) -> Result<Dataset> {
@@ -421,7 +449,7 @@ impl Dataset {
         };
         let names: Vec<&str> = m.sources.iter().map(|s| s.name.as_str()).collect();
         let source = format!("{} ({}; {} train + {} val tokens, {})", dir.display(), names.join(", "), m.train.tokens, m.val.as_ref().map_or(0, |v| v.tokens), m.tokenizer.name);
-        Ok(Dataset { train, val, source, files })
+        Ok(Dataset { train, val, source, files, tokenizer: Some(m.tokenizer) })
     }
 }
 

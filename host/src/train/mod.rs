@@ -92,6 +92,11 @@ pub struct TrainConfig {
     pub save_every: u64,
 }
 
+/// The argument ids of `TrainConfig`'s flags, one by one: `--resume` refuses them (a run's settings are its
+/// train.json's), and clap names only those given when they are listed singly rather than as their group.
+pub const FLAGS: [&str; 17] =
+    ["steps", "batch", "seq", "grad_accum", "lr", "min_lr", "warmup", "schedule", "weight_decay", "clip", "seed", "shuffle", "dtype", "init", "eval_every", "eval_windows", "save_every"];
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -358,8 +363,19 @@ pub fn resume(out: &Path, device: Device) -> Result<Summary> {
 
 fn open_data(run: &Run, ckpt: &Checkpoint, spelling: Spelling) -> Result<Dataset> {
     let mut data = Dataset::open(&run.data)?;
+    data.check_tokenizer(&run.data, &ckpt.dir, &ckpt.arch.family)?;
     if let Some(val) = &run.val {
-        data.val = Some(Dataset::open(val)?.train);
+        let v = Dataset::open(val)?;
+        v.check_tokenizer(val, &ckpt.dir, &ckpt.arch.family)?;
+        data.val = Some(v.train);
+    }
+    if data.val.is_none() && run.config.eval_every > 0 {
+        // Without a split the run would train on and never measure one, as if the setting were not given.
+        let fix = match spelling {
+            Spelling::Flags => "give validation data with --val, or train on a `scalpel data tokenize` folder (it has a validation split)",
+            Spelling::HealSet => "give --data a `scalpel data tokenize` folder (it has a validation split), or leave eval_every out",
+        };
+        bail!("{} measures the validation loss, but {} has no validation split: {fix}", spelling.set("eval_every", &run.config.eval_every), run.data.display());
     }
     let vocab = ckpt.dims.vocab;
     for (split, tokens) in [("training", Some(&data.train)), ("validation", data.val.as_ref())] {
@@ -550,7 +566,9 @@ fn save(out: &Path, ckpt: &Checkpoint, net: &Transformer, opt: &AdamW, state: &T
     });
     let mut config = ckpt.config.clone();
     config["torch_dtype"] = json!("float32");
-    let folder = Folder { config: &config, companions_from: Some(&run.model), extra_files: vec![], record: &record };
+    // Tokenizer and generation files come from the model being trained: a resumed run's is its last checkpoint, and
+    // the folder the run started from may be gone by then (it once failed the first save after resuming).
+    let folder = Folder { config: &config, companions_from: Some(&ckpt.dir), extra_files: vec![], record: &record };
     write_model(&staging.path().join("model"), false, folder, net.params.out_tensors(safetensors::Dtype::F32), DEFAULT_SHARD_BYTES)?;
     opt.save(&staging.path().join("optimizer.safetensors"))?;
     std::fs::write(staging.path().join(TRAINER_STATE), serde_json::to_string_pretty(state)? + "\n")?;
@@ -584,6 +602,13 @@ mod tests {
 
     fn entry(step: u64) -> String {
         format!("{}\n", json!({ "step": step, "loss": 4.5, "lr": 1e-4 }))
+    }
+
+    #[test]
+    fn flags_lists_every_training_flag() {
+        use clap::Args;
+        let ids: Vec<String> = TrainConfig::augment_args(clap::Command::new("train")).get_arguments().map(|a| a.get_id().to_string()).collect();
+        assert_eq!(ids, FLAGS, "FLAGS must name every TrainConfig flag, or --resume lets the missing one through unread");
     }
 
     #[test]
