@@ -148,8 +148,8 @@ impl Settings {
             if method.start != StartAt::Auto {
                 bail!("the calibration {} is read only to choose the first depth (`start = \"auto\"`, --start auto): remove it, or start at auto", c.file.display());
             }
-            if c.sequences.is_some() || c.tokens.is_some() || c.seed != 0 || c.bos {
-                bail!("the Inheritune loop reads only the calibration's `file` (all of its windows of token ids, or 100 windows of 100 tokens of text, as the paper): remove `sequences`, `tokens`, `seed` and `bos`, or give [N, T] ids made to measure");
+            if c.sequences.is_some() || c.tokens.is_some() || c.seed != 0 || c.bos || c.precision != Default::default() {
+                bail!("the Inheritune loop reads only the calibration's `file` (all of its windows of token ids, or 100 windows of 100 tokens of text, as the paper, in float32): remove `sequences`, `tokens`, `seed`, `bos` and `precision`, or give [N, T] ids made to measure");
             }
         }
         if train.eval_every == 0 {

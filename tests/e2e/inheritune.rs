@@ -179,7 +179,7 @@ fn what_the_loop_would_not_read_is_refused() {
     assert!(!out.exists(), "nothing written");
     let printed = run(&mut inheritune(&out, 2, &["--start", "auto", "--calib", &calib, "--print-recipe"])).success().stdout;
     assert!(printed.contains("[calibration]"), "{printed}");
-    for (from, edit, says) in [("[calibration]", "[calibration]\nsequences = 8", "`sequences`"), ("bos = false", "bos = true", "`bos`")] {
+    for (from, edit, says) in [("[calibration]", "[calibration]\nsequences = 8", "`sequences`"), ("bos = false", "bos = true", "`bos`"), ("bos = false", "bos = false\nprecision = \"bf16\"", "`precision`")] {
         assert!(printed.contains(from), "{printed}");
         let recipe = dir.path().join("loop.toml");
         std::fs::write(&recipe, printed.replacen(from, edit, 1)).unwrap();
