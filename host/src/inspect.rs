@@ -233,6 +233,7 @@ pub fn eval_windows(ckpt: &Checkpoint, data: &EvalData, tokens: usize, max_windo
         EvalData::Text { path, bos } => (text_windows(ckpt, path, tokens, max_windows, *bos)?, i64::from(*bos)),
         EvalData::Tokens(path) => {
             let data = crate::data::Dataset::open(path)?;
+            data.check_tokenizer(path, &ckpt.dir, &ckpt.arch.family)?;
             let split = data.val.as_ref().unwrap_or(&data.train);
             split.fits(tokens, option)?;
             (split.windows(tokens, max_windows)?, 0)

@@ -365,4 +365,9 @@ fn data_tokenized_for_another_tokenizer_is_refused() {
     let r = run(scalpel1().arg("train").arg(&other).arg("--data").arg(&batches).arg("--val").arg(&data).arg("-o").arg(&out).args(["--seq", "16"])).failure();
     assert!(r.stderr.contains("was tokenized with the tokenizer of"), "{}", r.stderr);
     run(&mut train(&mine)).success();
+    // eval (and compare's --eval, which reads its data the same way) too.
+    let eval = |model: &Path| run(scalpel1().arg("eval").arg(model).arg("--data").arg(&data).args(["--tokens", "16", "--windows", "1"]));
+    let r = eval(&other).failure();
+    assert!(r.stderr.contains("was tokenized with the tokenizer of"), "{}", r.stderr);
+    eval(&mine).success();
 }
