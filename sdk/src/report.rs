@@ -132,7 +132,8 @@ impl Report {
             .collect();
         Report { metrics, ..self.clone() }
     }
-    /// Checks that every metric has one finite value per layer of a model of `layers` blocks, as the host does.
+    /// Checks that every metric has one finite value per layer of a model of `layers` blocks, as the host does,
+    /// and that its spreads and per-head values are finite too (JSON, the form a report travels in, has no NaN).
     pub fn check(&self, layers: usize) -> Result<()> {
         for m in &self.metrics {
             crate::ensure!(
@@ -142,8 +143,20 @@ impl Report {
                 m.per_layer.len(),
                 m.name
             );
-            if let Some(l) = m.per_layer.iter().position(|v| !v.is_finite()) {
-                crate::bail!("analyzer `{}` reported a non-finite `{}` for layer {l}", self.analyzer, m.name);
+            let non_finite = |what: &str, at: String| crate::anyhow!("analyzer `{}` reported a non-finite {what}`{}` for {at}", self.analyzer, m.name);
+            let first_bad = |values: &[f64]| values.iter().position(|v| !v.is_finite());
+            if let Some(l) = first_bad(&m.per_layer) {
+                return Err(non_finite("", format!("layer {l}")));
+            }
+            if let Some(l) = m.per_layer_spread.as_deref().and_then(first_bad) {
+                return Err(non_finite("spread of ", format!("layer {l}")));
+            }
+            for (what, rows) in [("", &m.per_head), ("spread of ", &m.per_head_spread)] {
+                for (l, row) in rows.iter().flatten().enumerate() {
+                    if let Some(h) = first_bad(row) {
+                        return Err(non_finite(what, format!("layer {l} head {h}")));
+                    }
+                }
             }
         }
         Ok(())
