@@ -106,6 +106,9 @@ impl<A: Analyzer> Erased for AsAnalyzer<A> {
         // Checked before it becomes JSON, which has no NaN: serde_json writes `null`, and the host could only
         // call the report malformed, not say which value of which metric is wrong.
         report.check(model.info().layers)?;
+        if model.info().heads > 0 {
+            report.check_heads(model.info().heads)?;
+        }
         Ok(serde_json::to_value(report)?)
     }
     fn needs(&self, _: serde_json::Value) -> Result<Vec<String>> {
