@@ -136,11 +136,52 @@ extern "C" fn needs(item: RStr<'_>, config: RStr<'_>) -> RResult<RString, RStrin
 
 /// Runs `f`, turning its error or panic into a message for the other side.
 fn guarded(f: impl FnOnce() -> Result<String>) -> RResult<RString, RString> {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    match catching(f) {
         Ok(Ok(s)) => ROk(s.into()),
-        Ok(Err(e)) => RErr(format!("{e:#}").into()),
-        Err(panic) => RErr(format!("panicked: {}", panic_message(&*panic)).into()),
+        Ok(Err(e)) => RErr(without_cpp_frames(&format!("{e:#}")).into()),
+        Err(panic) => RErr(panic.into()),
     }
+}
+
+thread_local! {
+    /// Inside `catching` on this thread: the panic hook records instead of printing.
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static CAUGHT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f`; a panic comes back as one line, `panicked: MESSAGE (at FILE:LINE)`, instead of being printed by the
+/// panic hook as well (twice, a libtorch error with its C++ frames each time). Panics elsewhere print as before.
+fn catching<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CATCHING.with(|c| c.get()) {
+                // Where in the plugin's own code; a line inside a dependency (tch's generated wrappers) says nothing.
+                let own = info.location().filter(|l| !l.file().contains("/.cargo/registry/"));
+                let at = own.map(|l| format!(" (at {}:{})", l.file(), l.line())).unwrap_or_default();
+                let message = without_cpp_frames(&panic_message(info.payload()));
+                CAUGHT.with(|c| *c.borrow_mut() = Some(format!("panicked: {message}{at}")));
+            } else {
+                previous(info)
+            }
+        }));
+    });
+    let outer = CATCHING.with(|c| c.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(outer));
+    result.map_err(|panic| CAUGHT.with(|c| c.borrow_mut().take()).unwrap_or_else(|| format!("panicked: {}", panic_message(&*panic))))
+}
+
+/// libtorch's message without the C++ stack it appends to every error ("Exception raised from … frame #0 …"),
+/// dozens of lines that say nothing to a plugin author. tch's errors carry it as is, a panic's `Debug` escaped.
+fn without_cpp_frames(message: &str) -> String {
+    let Some(at) = message.find("Exception raised from") else { return message.to_string() };
+    let kept = message[..at].trim_end();
+    let kept = kept.strip_suffix("\\n").unwrap_or(kept).trim_end();
+    // An unwrapped `Torch("…")` keeps its closing quote and parenthesis.
+    let close = if kept.contains("Torch(\"") { "\")" } else { "" };
+    format!("{kept}{close}")
 }
 
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -185,19 +226,19 @@ impl FfiModelView for Lend<'_> {
         tensor_result(|| self.0.hidden(layer))
     }
     fn loss(&self, skip: RSlice<'_, usize>) -> RResult<f64, RString> {
-        match catch_unwind(AssertUnwindSafe(|| self.0.loss(skip.as_slice()))) {
+        match catching(|| self.0.loss(skip.as_slice())) {
             Ok(Ok(v)) => ROk(v),
-            Ok(Err(e)) => RErr(format!("{e:#}").into()),
-            Err(panic) => RErr(format!("the host panicked: {}", panic_message(&*panic)).into()),
+            Ok(Err(e)) => RErr(without_cpp_frames(&format!("{e:#}")).into()),
+            Err(panic) => RErr(format!("the host {panic}").into()),
         }
     }
 }
 
 fn tensor_result(f: impl FnOnce() -> Result<Tensor>) -> RResult<FfiTensor, RString> {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    match catching(f) {
         Ok(Ok(t)) => ROk(FfiTensor::new(t)),
-        Ok(Err(e)) => RErr(format!("{e:#}").into()),
-        Err(panic) => RErr(format!("the host panicked: {}", panic_message(&*panic)).into()),
+        Ok(Err(e)) => RErr(without_cpp_frames(&format!("{e:#}")).into()),
+        Err(panic) => RErr(format!("the host {panic}").into()),
     }
 }
 

@@ -153,3 +153,18 @@ fn a_plugin_folder_that_does_not_exist_is_reported() {
     // The built-in set alone warns about nothing.
     assert!(!run(scalpel().args(["plugins", "--json"])).success().stderr.contains("warning"));
 }
+
+#[test]
+fn a_plugin_panic_is_told_once_with_where_and_a_libtorch_error_without_its_cpp_frames() {
+    let dir = plugin_dir(&[("panics", "panics")]);
+    let calib = tempfile::tempdir().unwrap();
+    let ids = crate::token_ids_npy(calib.path(), 2, 8, 103);
+    let out = run(scalpel().arg("--plugins").arg(dir.path()).args(["analyze", "-a", "fixture-panic"]).arg(crate::tiny("tiny-llama")).arg("--calib").arg(&ids))
+        .failure();
+    // The plugin's panic hook once printed the panic above the error that tells it again.
+    assert_eq!(out.stderr.matches("deliberate panic").count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("panicked: deliberate panic inside an analyzer (at tests/fixtures/panics/src/lib.rs:"), "{}", out.stderr);
+    let out = run(scalpel().arg("--plugins").arg(dir.path()).args(["apply", "-s", "fixture-torch-error", "--dry-run"]).arg(crate::tiny("tiny-llama"))).failure();
+    assert!(out.stderr.contains("mat1 and mat2 shapes cannot be multiplied (2x3 and 2x3)"), "{}", out.stderr);
+    assert!(!out.stderr.contains("Exception raised from") && !out.stderr.contains("frame #"), "{}", out.stderr);
+}
