@@ -217,8 +217,22 @@ fn ensure_root_module_symbol(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How to rebuild a plugin for this host: the SDK is not on crates.io, so the fix is the folder this host's came from.
+fn rebuild_fix() -> String {
+    let sdk = Path::new(scalpel_sdk::SOURCE_DIR);
+    let folder = if sdk.join("Cargo.toml").is_file() {
+        sdk.display().to_string()
+    } else {
+        "the `sdk` folder of the scalpel checkout this host was built from".to_string()
+    };
+    format!(
+        "rebuild it against this host's SDK: point the `path` of `scalpel-sdk` in its Cargo.toml at {folder} (scalpel-sdk {}), then `cargo build --release`",
+        scalpel_sdk::SDK_VERSION
+    )
+}
+
 fn explain(path: &Path, e: LibraryError) -> anyhow::Error {
-    let fix = format!("rebuild it against scalpel-sdk {}", scalpel_sdk::SDK_VERSION);
+    let fix = rebuild_fix();
     match e {
         LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => anyhow!(
             "{}: built against scalpel-sdk {actual_version}, but this host speaks scalpel-sdk {expected_version}: {fix}",
@@ -226,7 +240,8 @@ fn explain(path: &Path, e: LibraryError) -> anyhow::Error {
         ),
         // abi_stable's full comparison runs to hundreds of lines; the verdict and the fix are what help.
         LibraryError::AbiInstability(_) => anyhow!(
-            "{}: its plugin interface has a different layout from this host's (built against another scalpel-sdk?): {fix}",
+            "{}: its plugin interface has a different layout from this host's: it was built against another scalpel-sdk \
+             (another checkout or version; the interface can change while the version stays): {fix}",
             path.display()
         ),
         other => anyhow!("{}: {}", path.display(), other.to_string().trim()),
@@ -234,7 +249,7 @@ fn explain(path: &Path, e: LibraryError) -> anyhow::Error {
 }
 
 fn check_fingerprint(m: &Manifest) -> Result<()> {
-    let fix = "rebuild the plugin against this host's scalpel-sdk (see `scalpel --version`)";
+    let fix = rebuild_fix();
     if m.tch != scalpel_sdk::TCH_VERSION {
         bail!("built with tch {}, this host uses tch {}: {fix}", m.tch, scalpel_sdk::TCH_VERSION);
     }

@@ -88,7 +88,10 @@ fn a_library_that_is_not_a_plugin() {
 
 #[test]
 fn a_plugin_built_against_another_sdk_layout() {
-    refused_with(&[("other-layout", "old")], &["libscalpel_plugin_old.so", "different layout", "rebuild it against scalpel-sdk 0.1.0"]);
+    // An SDK of the same version number but an older interface (what a plugin built against an older checkout
+    // gets) was told to "rebuild it against scalpel-sdk 0.1.0", the version it was built against: the fix is the folder.
+    let sdk = format!("rebuild it against this host's SDK: point the `path` of `scalpel-sdk` in its Cargo.toml at {}", scalpel_sdk::SOURCE_DIR);
+    refused_with(&[("other-layout", "old")], &["libscalpel_plugin_old.so", "different layout", "the interface can change while the version stays", &sdk]);
 }
 
 #[test]
