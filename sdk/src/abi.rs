@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use std::ffi::c_void;
 use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
 use tch::Tensor;
 
-pub use abi_stable::library::{lib_header_from_path, LibHeader, LibraryError};
 
 /// The root module every plugin library exports (the SDK exports it on the plugin's behalf).
 #[repr(C)]
@@ -58,6 +58,46 @@ impl RootModule for PluginRef {
 #[export_root_module]
 fn root_module() -> PluginRef {
     PluginModule { manifest, call, needs }.leak_into_prefix()
+}
+
+/// Why a library could not be loaded as a plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadError {
+    /// The dynamic loader refused it, with dlerror's reason (not an ELF file, an undefined symbol, a missing dependency).
+    NotALibrary(String),
+    /// A shared library that exports no scalpel root module.
+    NotAPlugin,
+    /// Built against another version of the SDK.
+    Version { plugin: String, host: String },
+    /// The same version, but another layout of the plugin interface (another checkout of the SDK).
+    Layout,
+    /// Anything else abi_stable reports.
+    Other(String),
+}
+
+/// Loads the plugin library at `path` and checks its SDK version and the layout of its interface. Loading runs the
+/// library's initialisers; it is never unloaded (a tensor's free function lives in the library that made it).
+pub fn load(path: &Path) -> Result<PluginRef, LoadError> {
+    // SAFETY: plugin files are trusted code by design; loading them is what this function is for.
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        // libloading says only "dlopen failed": dlerror's reason is its source, and it is what says what is wrong.
+        LoadError::NotALibrary(std::error::Error::source(&e).map_or_else(|| e.to_string(), |why| why.to_string()))
+    })?;
+    let has_root = unsafe { lib.get::<*const ()>(abi_stable::library::ROOT_MODULE_LOADER_NAME_WITH_NUL.as_bytes()) }.is_ok();
+    std::mem::forget(lib);
+    if !has_root {
+        return Err(LoadError::NotAPlugin);
+    }
+    // `RootModule::load_from_*` is avoided: it caches one module per type, and a host loads many.
+    let loaded = abi_stable::library::lib_header_from_path(path).and_then(|header| header.init_root_module::<PluginRef>());
+    loaded.map_err(|e| match e {
+        abi_stable::library::LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => {
+            LoadError::Version { plugin: actual_version.to_string(), host: expected_version.to_string() }
+        }
+        // abi_stable's full comparison runs to hundreds of lines; the verdict is what helps.
+        abi_stable::library::LibraryError::AbiInstability(_) => LoadError::Layout,
+        other => LoadError::Other(other.to_string().trim().to_string()),
+    })
 }
 
 /// Who a plugin library is, registered by `export_plugin!()`.
