@@ -8,7 +8,7 @@
 //! and the fix, and the others load anyway.
 
 use anyhow::{anyhow, bail, Context, Result};
-use scalpel_sdk::abi::{self, ItemManifest, LibraryError, Manifest, PluginRef};
+use scalpel_sdk::abi::{self, ItemManifest, LoadError, Manifest, PluginRef};
 use scalpel_sdk::{ItemKind, ModelSource};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -180,61 +180,55 @@ fn plugin_files(dir: &Path) -> Vec<PathBuf> {
 pub fn load_plugin(path: &Path) -> Result<Plugin> {
     // dlopen of a FIFO blocks until a writer comes, and of a device reads it: only regular files are opened.
     scalpel_files::open_regular(path)?;
-    ensure_root_module_symbol(path)?;
-    let header = abi::lib_header_from_path(path).map_err(|e| explain(path, e))?;
-    let module = header.init_root_module::<PluginRef>().map_err(|e| explain(path, e))?;
+    let module = abi::load(path).map_err(|e| explain(path, e))?;
     let manifest = abi::read_manifest(module).with_context(|| format!("{}: reading its manifest failed", path.display()))?;
     check_fingerprint(&manifest).with_context(|| format!("{} (plugin {} {})", path.display(), manifest.plugin, manifest.version))?;
     Ok(Plugin { path: path.to_path_buf(), manifest, module })
 }
 
-/// A library without the root-module symbol is not a scalpel plugin; say so plainly.
-fn ensure_root_module_symbol(path: &Path) -> Result<()> {
-    // SAFETY: loading runs the library's initialisers; plugin files are trusted code by design.
-    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
-        // libloading says only "dlopen failed": dlerror's reason (not an ELF file, an undefined symbol, a missing
-        // dependency) is its source, and it is what tells a user what is wrong.
-        let reason = std::error::Error::source(&e).map_or_else(|| e.to_string(), |why| why.to_string());
-        // dlerror starts with the path, which the message already names.
-        let reason = reason.strip_prefix(&format!("{}: ", path.display())).unwrap_or(&reason);
-        anyhow!(
-            "{}: cannot be loaded as a shared library: {reason}; a plugin is a cdylib built for this machine against \
-             scalpel-sdk {} and libtorch {}: rebuild it, or take it off the plugin path",
-            path.display(),
-            scalpel_sdk::SDK_VERSION,
-            scalpel_sdk::LIBTORCH_VERSION
-        )
-    })?;
-    let has_root = unsafe { lib.get::<*const ()>(abi_stable::library::ROOT_MODULE_LOADER_NAME_WITH_NUL.as_bytes()) }.is_ok();
-    std::mem::forget(lib); // never unload: see scalpel_sdk::abi
-    if !has_root {
-        bail!(
-            "{}: not a scalpel plugin (it exports no scalpel root module); a plugin crate must be a cdylib \
-             that depends on scalpel-sdk and writes `scalpel_sdk::export_plugin!();`",
-            path.display()
-        );
-    }
-    Ok(())
+/// How to rebuild a plugin for this host: the SDK is not on crates.io, so the fix is the folder this host's came from.
+fn rebuild_fix() -> String {
+    let sdk = Path::new(scalpel_sdk::SOURCE_DIR);
+    let folder = if sdk.join("Cargo.toml").is_file() {
+        sdk.display().to_string()
+    } else {
+        "the `sdk` folder of the scalpel checkout this host was built from".to_string()
+    };
+    format!(
+        "rebuild it against this host's SDK: point the `path` of `scalpel-sdk` in its Cargo.toml at {folder} (scalpel-sdk {}), then `cargo build --release`",
+        scalpel_sdk::SDK_VERSION
+    )
 }
 
-fn explain(path: &Path, e: LibraryError) -> anyhow::Error {
-    let fix = format!("rebuild it against scalpel-sdk {}", scalpel_sdk::SDK_VERSION);
+fn explain(path: &Path, e: LoadError) -> anyhow::Error {
+    let fix = rebuild_fix();
+    let file = path.display();
     match e {
-        LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => anyhow!(
-            "{}: built against scalpel-sdk {actual_version}, but this host speaks scalpel-sdk {expected_version}: {fix}",
-            path.display()
+        LoadError::NotALibrary(reason) => {
+            // dlerror starts with the path, which the message already names.
+            let reason = reason.strip_prefix(&format!("{file}: ")).unwrap_or(&reason);
+            anyhow!(
+                "{file}: cannot be loaded as a shared library: {reason}; a plugin is a cdylib built for this machine against \
+                 scalpel-sdk {} and libtorch {}: {fix}, or take it off the plugin path",
+                scalpel_sdk::SDK_VERSION,
+                scalpel_sdk::LIBTORCH_VERSION
+            )
+        }
+        LoadError::NotAPlugin => anyhow!(
+            "{file}: not a scalpel plugin (it exports no scalpel root module); a plugin crate must be a cdylib \
+             that depends on scalpel-sdk and writes `scalpel_sdk::export_plugin!();`"
         ),
-        // abi_stable's full comparison runs to hundreds of lines; the verdict and the fix are what help.
-        LibraryError::AbiInstability(_) => anyhow!(
-            "{}: its plugin interface has a different layout from this host's (built against another scalpel-sdk?): {fix}",
-            path.display()
+        LoadError::Version { plugin, host } => anyhow!("{file}: built against scalpel-sdk {plugin}, but this host speaks scalpel-sdk {host}: {fix}"),
+        LoadError::Layout => anyhow!(
+            "{file}: its plugin interface has a different layout from this host's: it was built against another scalpel-sdk \
+             (another checkout or version; the interface can change while the version stays): {fix}"
         ),
-        other => anyhow!("{}: {}", path.display(), other.to_string().trim()),
+        LoadError::Other(message) => anyhow!("{file}: {message}"),
     }
 }
 
 fn check_fingerprint(m: &Manifest) -> Result<()> {
-    let fix = "rebuild the plugin against this host's scalpel-sdk (see `scalpel --version`)";
+    let fix = rebuild_fix();
     if m.tch != scalpel_sdk::TCH_VERSION {
         bail!("built with tch {}, this host uses tch {}: {fix}", m.tch, scalpel_sdk::TCH_VERSION);
     }
@@ -246,4 +240,18 @@ fn check_fingerprint(m: &Manifest) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// README: `sdk/src/abi.rs` is the only file that knows the ABI. A host that cannot name abi_stable or dlopen a
+    /// library itself keeps it so (it once checked the root-module symbol and matched abi_stable's errors here).
+    #[test]
+    fn only_the_sdk_knows_the_abi() {
+        let manifest: toml::Value = toml::from_str(include_str!("../Cargo.toml")).unwrap();
+        let deps = manifest["dependencies"].as_table().unwrap();
+        for crate_name in ["abi_stable", "libloading"] {
+            assert!(!deps.contains_key(crate_name), "the host depends on {crate_name}: load plugins through scalpel_sdk::abi::load");
+        }
+    }
 }

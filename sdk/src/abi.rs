@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use std::ffi::c_void;
 use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
 use tch::Tensor;
 
-pub use abi_stable::library::{lib_header_from_path, LibHeader, LibraryError};
 
 /// The root module every plugin library exports (the SDK exports it on the plugin's behalf).
 #[repr(C)]
@@ -58,6 +58,46 @@ impl RootModule for PluginRef {
 #[export_root_module]
 fn root_module() -> PluginRef {
     PluginModule { manifest, call, needs }.leak_into_prefix()
+}
+
+/// Why a library could not be loaded as a plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadError {
+    /// The dynamic loader refused it, with dlerror's reason (not an ELF file, an undefined symbol, a missing dependency).
+    NotALibrary(String),
+    /// A shared library that exports no scalpel root module.
+    NotAPlugin,
+    /// Built against another version of the SDK.
+    Version { plugin: String, host: String },
+    /// The same version, but another layout of the plugin interface (another checkout of the SDK).
+    Layout,
+    /// Anything else abi_stable reports.
+    Other(String),
+}
+
+/// Loads the plugin library at `path` and checks its SDK version and the layout of its interface. Loading runs the
+/// library's initialisers; it is never unloaded (a tensor's free function lives in the library that made it).
+pub fn load(path: &Path) -> Result<PluginRef, LoadError> {
+    // SAFETY: plugin files are trusted code by design; loading them is what this function is for.
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        // libloading says only "dlopen failed": dlerror's reason is its source, and it is what says what is wrong.
+        LoadError::NotALibrary(std::error::Error::source(&e).map_or_else(|| e.to_string(), |why| why.to_string()))
+    })?;
+    let has_root = unsafe { lib.get::<*const ()>(abi_stable::library::ROOT_MODULE_LOADER_NAME_WITH_NUL.as_bytes()) }.is_ok();
+    std::mem::forget(lib);
+    if !has_root {
+        return Err(LoadError::NotAPlugin);
+    }
+    // `RootModule::load_from_*` is avoided: it caches one module per type, and a host loads many.
+    let loaded = abi_stable::library::lib_header_from_path(path).and_then(|header| header.init_root_module::<PluginRef>());
+    loaded.map_err(|e| match e {
+        abi_stable::library::LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => {
+            LoadError::Version { plugin: actual_version.to_string(), host: expected_version.to_string() }
+        }
+        // abi_stable's full comparison runs to hundreds of lines; the verdict is what helps.
+        abi_stable::library::LibraryError::AbiInstability(_) => LoadError::Layout,
+        other => LoadError::Other(other.to_string().trim().to_string()),
+    })
 }
 
 /// Who a plugin library is, registered by `export_plugin!()`.
@@ -136,11 +176,52 @@ extern "C" fn needs(item: RStr<'_>, config: RStr<'_>) -> RResult<RString, RStrin
 
 /// Runs `f`, turning its error or panic into a message for the other side.
 fn guarded(f: impl FnOnce() -> Result<String>) -> RResult<RString, RString> {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    match catching(f) {
         Ok(Ok(s)) => ROk(s.into()),
-        Ok(Err(e)) => RErr(format!("{e:#}").into()),
-        Err(panic) => RErr(format!("panicked: {}", panic_message(&*panic)).into()),
+        Ok(Err(e)) => RErr(without_cpp_frames(&format!("{e:#}")).into()),
+        Err(panic) => RErr(panic.into()),
     }
+}
+
+thread_local! {
+    /// Inside `catching` on this thread: the panic hook records instead of printing.
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static CAUGHT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f`; a panic comes back as one line, `panicked: MESSAGE (at FILE:LINE)`, instead of being printed by the
+/// panic hook as well (twice, a libtorch error with its C++ frames each time). Panics elsewhere print as before.
+fn catching<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CATCHING.with(|c| c.get()) {
+                // Where in the plugin's own code; a line inside a dependency (tch's generated wrappers) says nothing.
+                let own = info.location().filter(|l| !l.file().contains("/.cargo/registry/"));
+                let at = own.map(|l| format!(" (at {}:{})", l.file(), l.line())).unwrap_or_default();
+                let message = without_cpp_frames(&panic_message(info.payload()));
+                CAUGHT.with(|c| *c.borrow_mut() = Some(format!("panicked: {message}{at}")));
+            } else {
+                previous(info)
+            }
+        }));
+    });
+    let outer = CATCHING.with(|c| c.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(outer));
+    result.map_err(|panic| CAUGHT.with(|c| c.borrow_mut().take()).unwrap_or_else(|| format!("panicked: {}", panic_message(&*panic))))
+}
+
+/// libtorch's message without the C++ stack it appends to every error ("Exception raised from … frame #0 …"),
+/// dozens of lines that say nothing to a plugin author. tch's errors carry it as is, a panic's `Debug` escaped.
+fn without_cpp_frames(message: &str) -> String {
+    let Some(at) = message.find("Exception raised from") else { return message.to_string() };
+    let kept = message[..at].trim_end();
+    let kept = kept.strip_suffix("\\n").unwrap_or(kept).trim_end();
+    // An unwrapped `Torch("…")` keeps its closing quote and parenthesis.
+    let close = if kept.contains("Torch(\"") { "\")" } else { "" };
+    format!("{kept}{close}")
 }
 
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -185,19 +266,19 @@ impl FfiModelView for Lend<'_> {
         tensor_result(|| self.0.hidden(layer))
     }
     fn loss(&self, skip: RSlice<'_, usize>) -> RResult<f64, RString> {
-        match catch_unwind(AssertUnwindSafe(|| self.0.loss(skip.as_slice()))) {
+        match catching(|| self.0.loss(skip.as_slice())) {
             Ok(Ok(v)) => ROk(v),
-            Ok(Err(e)) => RErr(format!("{e:#}").into()),
-            Err(panic) => RErr(format!("the host panicked: {}", panic_message(&*panic)).into()),
+            Ok(Err(e)) => RErr(without_cpp_frames(&format!("{e:#}")).into()),
+            Err(panic) => RErr(format!("the host {panic}").into()),
         }
     }
 }
 
 fn tensor_result(f: impl FnOnce() -> Result<Tensor>) -> RResult<FfiTensor, RString> {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    match catching(f) {
         Ok(Ok(t)) => ROk(FfiTensor::new(t)),
-        Ok(Err(e)) => RErr(format!("{e:#}").into()),
-        Err(panic) => RErr(format!("the host panicked: {}", panic_message(&*panic)).into()),
+        Ok(Err(e)) => RErr(without_cpp_frames(&format!("{e:#}")).into()),
+        Err(panic) => RErr(format!("the host {panic}").into()),
     }
 }
 

@@ -74,6 +74,22 @@ impl Plan {
         Plan { layers, ..Self::default() }
     }
 
+    /// Every block of a model of `layers` but those in `removed`, in order: what a pruning strategy returns.
+    /// A block the model does not have is an error, not skipped (a typo must not leave the model whole).
+    pub fn without(layers: usize, removed: &[usize]) -> Result<Self> {
+        if let Some(&bad) = removed.iter().find(|&&l| l >= layers) {
+            crate::bail!("layer {bad} does not exist: the model has layers 0..{layers}");
+        }
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        for l in (0..layers).filter(|l| !removed.contains(l)) {
+            match runs.last_mut() {
+                Some(run) if run.end == l => run.end += 1,
+                _ => runs.push(l..l + 1),
+            }
+        }
+        Ok(Self::ranges(&runs))
+    }
+
     /// The plan with a note on why added (shown by `--dry-run`, kept in the output's record).
     pub fn note(mut self, note: impl Into<String>) -> Self {
         self.notes.push(note.into());
@@ -133,6 +149,15 @@ mod tests {
     #[test]
     fn ranges_concatenate_half_open_slices() {
         assert_eq!(Plan::ranges(&[0..3, 1..3]).sources(), vec![0, 1, 2, 1, 2]);
+    }
+
+    #[test]
+    fn without_keeps_every_other_block_in_runs_and_refuses_a_missing_one() {
+        let plan = Plan::without(6, &[4, 1, 4]).unwrap();
+        assert_eq!(plan.sources(), [0, 2, 3, 5]);
+        assert_eq!(plan, Plan::ranges(&[0..1, 2..4, 5..6]));
+        let e = Plan::without(6, &[2, 6]).unwrap_err().to_string();
+        assert!(e.contains("layer 6 does not exist: the model has layers 0..6"), "{e}");
     }
 
     #[test]

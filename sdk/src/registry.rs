@@ -73,7 +73,7 @@ pub(crate) fn run(name: &str, model: &Model, config: &str, reports: &str) -> Res
     let item = find(name)?;
     let config: serde_json::Value = serde_json::from_str(config)?;
     let reports: Reports = if reports.is_empty() { Reports::default() } else { serde_json::from_str(reports)? };
-    item.erased.run(model, config, &reports)
+    item.erased.run(name, model, config, &reports)
 }
 
 /// An analyzer or strategy with its config type erased.
@@ -82,8 +82,8 @@ pub trait Erased: Sync {
     fn schema(&self) -> serde_json::Value;
     /// The analyzer's or strategy's own type.
     fn item_type(&self) -> std::any::TypeId;
-    /// Parses the config and runs the item: its report or plan as JSON.
-    fn run(&self, model: &Model, config: serde_json::Value, reports: &Reports) -> Result<serde_json::Value>;
+    /// Parses the config and runs the item registered as `name`: its report or plan as JSON.
+    fn run(&self, name: &str, model: &Model, config: serde_json::Value, reports: &Reports) -> Result<serde_json::Value>;
     fn needs(&self, config: serde_json::Value) -> Result<Vec<String>>;
 }
 
@@ -99,9 +99,17 @@ impl<A: Analyzer> Erased for AsAnalyzer<A> {
     fn item_type(&self) -> std::any::TypeId {
         std::any::TypeId::of::<A>()
     }
-    fn run(&self, model: &Model, config: serde_json::Value, _: &Reports) -> Result<serde_json::Value> {
+    fn run(&self, name: &str, model: &Model, config: serde_json::Value, _: &Reports) -> Result<serde_json::Value> {
         let config = parse_config::<A::Config>(config)?;
-        Ok(serde_json::to_value(self.0.analyze(model, &config)?)?)
+        let mut report = self.0.analyze(model, &config)?;
+        report.analyzer = name.into();
+        // Checked before it becomes JSON, which has no NaN: serde_json writes `null`, and the host could only
+        // call the report malformed, not say which value of which metric is wrong.
+        report.check(model.info().layers)?;
+        if model.info().heads > 0 {
+            report.check_heads(model.info().heads)?;
+        }
+        Ok(serde_json::to_value(report)?)
     }
     fn needs(&self, _: serde_json::Value) -> Result<Vec<String>> {
         Ok(vec![])
@@ -115,7 +123,7 @@ impl<S: Strategy> Erased for AsStrategy<S> {
     fn item_type(&self) -> std::any::TypeId {
         std::any::TypeId::of::<S>()
     }
-    fn run(&self, model: &Model, config: serde_json::Value, reports: &Reports) -> Result<serde_json::Value> {
+    fn run(&self, _: &str, model: &Model, config: serde_json::Value, reports: &Reports) -> Result<serde_json::Value> {
         let config = parse_config::<S::Config>(config)?;
         Ok(serde_json::to_value(self.0.plan(model, &config, reports)?)?)
     }

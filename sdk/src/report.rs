@@ -132,20 +132,71 @@ impl Report {
             .collect();
         Report { metrics, ..self.clone() }
     }
-    /// Checks that every metric has one finite value per layer of a model of `layers` blocks, as the host does.
+    /// Checks the report against a model of `layers` blocks, as the host does: every metric has one finite value
+    /// per layer, per-layer spreads match, per-head values (and their spreads) are one row per layer of one width,
+    /// every value is finite (JSON, the form a report travels in, has no NaN), and the presentation names
+    /// metrics the report has.
     pub fn check(&self, layers: usize) -> Result<()> {
+        let who = &self.analyzer;
         for m in &self.metrics {
-            crate::ensure!(
-                m.per_layer.len() == layers,
-                "analyzer `{}` reported {} values of `{}` for a model of {layers} layers",
-                self.analyzer,
-                m.per_layer.len(),
-                m.name
-            );
-            if let Some(l) = m.per_layer.iter().position(|v| !v.is_finite()) {
-                crate::bail!("analyzer `{}` reported a non-finite `{}` for layer {l}", self.analyzer, m.name);
+            let name = &m.name;
+            crate::ensure!(m.per_layer.len() == layers, "analyzer `{who}` reported {} values of `{name}` for a model of {layers} layers", m.per_layer.len());
+            if let Some(spread) = &m.per_layer_spread {
+                crate::ensure!(spread.len() == layers, "analyzer `{who}` reported {} spreads of `{name}` for a model of {layers} layers", spread.len());
+            }
+            if let Some(rows) = &m.per_head {
+                crate::ensure!(rows.len() == layers, "analyzer `{who}` reported per-head values of `{name}` for {} layers of a model of {layers}", rows.len());
+                let width = rows.first().map_or(0, Vec::len);
+                if let Some((l, row)) = rows.iter().enumerate().find(|(_, r)| r.len() != width) {
+                    crate::bail!("analyzer `{who}` reported {} heads of `{name}` in layer {l} but {width} in layer 0", row.len());
+                }
+                if let Some(spread) = &m.per_head_spread {
+                    crate::ensure!(
+                        spread.len() == layers && spread.iter().all(|r| r.len() == width),
+                        "analyzer `{who}`: the per-head spread of `{name}` is not shaped like its per-head values [{layers}][{width}]"
+                    );
+                }
+            }
+            let non_finite = |what: &str, at: String| crate::anyhow!("analyzer `{who}` reported a non-finite {what}`{name}` for {at}");
+            let first_bad = |values: &[f64]| values.iter().position(|v| !v.is_finite());
+            if let Some(l) = first_bad(&m.per_layer) {
+                return Err(non_finite("", format!("layer {l}")));
+            }
+            if let Some(l) = m.per_layer_spread.as_deref().and_then(first_bad) {
+                return Err(non_finite("spread of ", format!("layer {l}")));
+            }
+            for (what, rows) in [("", &m.per_head), ("spread of ", &m.per_head_spread)] {
+                for (l, row) in rows.iter().flatten().enumerate() {
+                    if let Some(h) = first_bad(row) {
+                        return Err(non_finite(what, format!("layer {l} head {h}")));
+                    }
+                }
             }
         }
+        if let Some(p) = &self.present {
+            // The host draws from these names; a typo once left a figure out without a word.
+            for metric in p.profile.iter().chain(p.mark.as_ref().map(|m| &m.metric)).chain(&p.attention_maps_by) {
+                if self.get(metric).is_err() {
+                    let have: Vec<&str> = self.metrics.iter().map(|m| m.name.as_str()).collect();
+                    crate::bail!("the presentation of analyzer `{who}` names the metric `{metric}`, which the report does not have (it has: {})", have.join(", "));
+                }
+            }
+            if let Some(by) = &p.attention_maps_by {
+                crate::ensure!(self.get(by)?.per_head.is_some(), "analyzer `{who}` picks attention maps by `{by}`, which has no per-head values");
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the metric picking attention maps has one value per attention head of a model with `heads`.
+    pub fn check_heads(&self, heads: usize) -> Result<()> {
+        let Some(by) = self.present.as_ref().and_then(|p| p.attention_maps_by.as_ref()) else { return Ok(()) };
+        let width = self.get(by)?.per_head.as_ref().and_then(|rows| rows.first()).map_or(0, Vec::len);
+        crate::ensure!(
+            width == heads,
+            "analyzer `{}` picks attention maps by `{by}`, whose per-head values have {width} heads; the model has {heads}",
+            self.analyzer
+        );
         Ok(())
     }
 
@@ -217,6 +268,38 @@ mod tests {
         let t = r.through(&Plan::ranges(&[2..3, 0..2, 1..2]));
         assert_eq!(t.metrics[0].per_layer, [12.0, 10.0, 11.0, 11.0]);
         assert_eq!(t.metrics[0].per_head.as_ref().unwrap()[0], [2.0]);
+    }
+
+    #[test]
+    fn per_head_values_and_spreads_are_one_row_per_layer_of_one_width() {
+        let check = |m: Metric| Report { analyzer: "a".into(), ..Report::new().metric(m) }.check(2).map_err(|e| e.to_string());
+        let m = || Metric::per_layer("m", vec![0.0, 1.0]);
+        assert!(check(m().heads(vec![vec![1.0; 3]; 2], Some(vec![vec![0.0; 3]; 2]))).is_ok());
+        let e = check(m().heads(vec![vec![1.0; 3]], None)).unwrap_err();
+        assert!(e.contains("analyzer `a` reported per-head values of `m` for 1 layers of a model of 2"), "{e}");
+        let e = check(m().heads(vec![vec![1.0; 3], vec![1.0; 2]], None)).unwrap_err();
+        assert!(e.contains("2 heads of `m` in layer 1 but 3 in layer 0"), "{e}");
+        let e = check(m().heads(vec![vec![1.0; 3]; 2], Some(vec![vec![0.0; 2]; 2]))).unwrap_err();
+        assert!(e.contains("the per-head spread of `m` is not shaped like its per-head values [2][3]"), "{e}");
+        let e = check(m().spread(vec![0.0])).unwrap_err();
+        assert!(e.contains("1 spreads of `m` for a model of 2 layers"), "{e}");
+    }
+
+    #[test]
+    fn the_presentation_names_metrics_the_report_has() {
+        let r = |p: Presentation| {
+            let m = Metric::per_layer("m", vec![0.0, 1.0]).heads(vec![vec![1.0; 3]; 2], None);
+            Report { analyzer: "a".into(), ..Report::new().metric(m).metric(Metric::per_layer("flag", vec![0.0, 1.0])).present(p) }
+        };
+        assert!(r(Presentation::profile("t", &["m", "flag"]).mark("flag", "x").attention_maps_by("m")).check(2).is_ok());
+        // A typo once left the profile figure out, or drew no maps, without a word.
+        let e = r(Presentation::profile("t", &["m", "mm"])).check(2).unwrap_err().to_string();
+        assert!(e.contains("the presentation of analyzer `a` names the metric `mm`, which the report does not have (it has: m, flag)"), "{e}");
+        assert!(r(Presentation::profile("t", &["m"]).mark("flg", "x")).check(2).unwrap_err().to_string().contains("`flg`"));
+        let e = r(Presentation::profile("t", &["m"]).attention_maps_by("flag")).check(2).unwrap_err().to_string();
+        assert!(e.contains("picks attention maps by `flag`, which has no per-head values"), "{e}");
+        let e = r(Presentation::profile("t", &[]).attention_maps_by("m")).check_heads(4).unwrap_err().to_string();
+        assert!(e.contains("picks attention maps by `m`, whose per-head values have 3 heads; the model has 4"), "{e}");
     }
 
     #[test]

@@ -375,6 +375,41 @@ mod tests {
         }
     }
 
+    /// Reports a value in the last layer (or every head), NaN or infinity where a metric went wrong.
+    struct Constant;
+
+    /// Settings of the test analyzer that reports a constant.
+    #[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
+    #[serde(default)]
+    struct ConstantConfig {
+        /// `nan`, `inf`, or anything else for 2 (as text: JSON has no NaN); `torch-error` and `torch-panic`
+        /// multiply matrices that do not fit, with tch's `f_` form or the panicking one.
+        value: String,
+        /// Per head too, this many heads.
+        heads: usize,
+    }
+
+    impl Analyzer for Constant {
+        type Config = ConstantConfig;
+        fn analyze(&self, model: &Model, c: &ConstantConfig) -> Result<Report> {
+            let layers = model.info().layers;
+            let (a, b) = (Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)), Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)));
+            match c.value.as_str() {
+                "torch-error" => drop(a.f_matmul(&b)?),
+                "torch-panic" => drop(a.matmul(&b)),
+                _ => {}
+            }
+            let value = c.value.parse::<f64>().unwrap_or(2.0);
+            let mut metric = Metric::per_layer("c", vec![1.0; layers]);
+            if c.heads > 0 {
+                metric = metric.heads(vec![vec![value; c.heads]; layers], None);
+            } else {
+                metric.per_layer[layers - 1] = value;
+            }
+            Ok(Report::new().metric(metric))
+        }
+    }
+
     /// Registered nowhere.
     struct Stray;
 
@@ -388,6 +423,10 @@ mod tests {
     crate::analyzer! {
         /// Norms of the attention output projections.
         "o-norms" => Norms
+    }
+    crate::analyzer! {
+        /// A constant.
+        "constant" => Constant
     }
     crate::strategy! {
         /// Keeps a report's worth of blocks.
@@ -436,6 +475,35 @@ mod tests {
         assert!(e.contains("has no tensor `self_attn.o_proj.weight`"), "{e}");
         let e = run_analyzer::<Stray>(&model, NormsConfig::default()).unwrap_err().to_string();
         assert!(e.contains("Stray` is not registered") && e.contains("analyzer!"), "{e}");
+    }
+
+    #[test]
+    fn a_panic_says_where_and_libtorch_errors_leave_out_the_cpp_frames() {
+        let model = TestModel::tiny();
+        let e = run_analyzer::<Norms>(&model, NormsConfig { panic: true }).unwrap_err().to_string();
+        assert!(e.contains("panicked: asked to panic (at sdk/src/testing.rs:"), "{e}");
+        for value in ["torch-error", "torch-panic"] {
+            let e = run_analyzer::<Constant>(&model, ConstantConfig { value: value.into(), heads: 0 }).unwrap_err().to_string();
+            // libtorch's message, without the dozens of C++ frames it appends to every error.
+            assert!(e.contains("mat1 and mat2 shapes cannot be multiplied (2x3 and 2x3)"), "{e}");
+            assert!(!e.contains("Exception raised from") && !e.contains("frame #"), "{e}");
+            assert!(e.lines().count() == 1, "{e}");
+        }
+        let e = run_analyzer::<Constant>(&model, ConstantConfig { value: "torch-panic".into(), heads: 0 }).unwrap_err().to_string();
+        assert!(e.starts_with("panicked: called `Result::unwrap()`") && !e.contains(".cargo/registry"), "{e}");
+    }
+
+    #[test]
+    fn a_non_finite_value_is_named_not_called_malformed() {
+        // JSON has no NaN: serialised, it became `null`, and the host could only say "malformed report".
+        let model = TestModel::tiny();
+        for value in ["NaN", "inf"] {
+            let e = run_analyzer::<Constant>(&model, ConstantConfig { value: value.into(), heads: 0 }).unwrap_err().to_string();
+            assert!(e.contains("analyzer `constant` reported a non-finite `c` for layer 3"), "{e}");
+            let e = run_analyzer::<Constant>(&model, ConstantConfig { value: value.into(), heads: 4 }).unwrap_err().to_string();
+            assert!(e.contains("analyzer `constant` reported a non-finite `c` for layer 0 head 0"), "{e}");
+        }
+        assert!(run_analyzer::<Constant>(&model, ConstantConfig { value: "2".into(), heads: 4 }).is_ok());
     }
 
     #[test]

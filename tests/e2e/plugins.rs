@@ -88,7 +88,10 @@ fn a_library_that_is_not_a_plugin() {
 
 #[test]
 fn a_plugin_built_against_another_sdk_layout() {
-    refused_with(&[("other-layout", "old")], &["libscalpel_plugin_old.so", "different layout", "rebuild it against scalpel-sdk 0.1.0"]);
+    // An SDK of the same version number but an older interface (what a plugin built against an older checkout
+    // gets) was told to "rebuild it against scalpel-sdk 0.1.0", the version it was built against: the fix is the folder.
+    let sdk = format!("rebuild it against this host's SDK: point the `path` of `scalpel-sdk` in its Cargo.toml at {}", scalpel_sdk::SOURCE_DIR);
+    refused_with(&[("other-layout", "old")], &["libscalpel_plugin_old.so", "different layout", "the interface can change while the version stays", &sdk]);
 }
 
 #[test]
@@ -152,4 +155,19 @@ fn a_plugin_folder_that_does_not_exist_is_reported() {
     assert!(out.stderr.contains("no-such-folder does not exist"), "{}", out.stderr);
     // The built-in set alone warns about nothing.
     assert!(!run(scalpel().args(["plugins", "--json"])).success().stderr.contains("warning"));
+}
+
+#[test]
+fn a_plugin_panic_is_told_once_with_where_and_a_libtorch_error_without_its_cpp_frames() {
+    let dir = plugin_dir(&[("panics", "panics")]);
+    let calib = tempfile::tempdir().unwrap();
+    let ids = crate::token_ids_npy(calib.path(), 2, 8, 103);
+    let out = run(scalpel().arg("--plugins").arg(dir.path()).args(["analyze", "-a", "fixture-panic"]).arg(crate::tiny("tiny-llama")).arg("--calib").arg(&ids))
+        .failure();
+    // The plugin's panic hook once printed the panic above the error that tells it again.
+    assert_eq!(out.stderr.matches("deliberate panic").count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("panicked: deliberate panic inside an analyzer (at tests/fixtures/panics/src/lib.rs:"), "{}", out.stderr);
+    let out = run(scalpel().arg("--plugins").arg(dir.path()).args(["apply", "-s", "fixture-torch-error", "--dry-run"]).arg(crate::tiny("tiny-llama"))).failure();
+    assert!(out.stderr.contains("mat1 and mat2 shapes cannot be multiplied (2x3 and 2x3)"), "{}", out.stderr);
+    assert!(!out.stderr.contains("Exception raised from") && !out.stderr.contains("frame #"), "{}", out.stderr);
 }

@@ -49,8 +49,7 @@ pub struct DropLayers;
 impl Strategy for DropLayers {
     type Config = DropLayersConfig;
     fn plan(&self, model: &Model, config: &DropLayersConfig, _: &Reports) -> Result<Plan> {
-        let keep: Vec<_> = (0..model.info().layers).filter(|l| !config.layers.contains(l)).map(|l| l..l + 1).collect();
-        Ok(Plan::ranges(&keep).note(format!("dropped layers {:?}", config.layers)))
+        Ok(Plan::without(model.info().layers, &config.layers)?.note(format!("dropped layers {:?}", config.layers)))
     }
 }
 
@@ -92,5 +91,8 @@ mod tests {
         assert!(e.to_string().contains("keeps no layer"), "{e}");
         let e = run_strategy::<DropLayers>(&TestModel::shape(2), serde_json::json!({"layer": [0]}), &Reports::default()).unwrap_err();
         assert!(e.to_string().contains("unknown config key `layer`"), "{e}");
+        // A block the model does not have was once skipped without a word, and nothing was dropped.
+        let e = run_strategy::<DropLayers>(&TestModel::shape(4), DropLayersConfig { layers: vec![1, 9] }, &Reports::default()).unwrap_err();
+        assert!(e.to_string().contains("layer 9 does not exist: the model has layers 0..4"), "{e}");
     }
 }

@@ -61,8 +61,7 @@ impl Strategy for DropLeast {
         let mut order: Vec<usize> = (0..layers).collect();
         order.sort_by(|&a, &b| update[a].total_cmp(&update[b]));
         let dropped = &order[..config.count];
-        let keep: Vec<_> = (0..layers).filter(|l| !dropped.contains(l)).map(|l| l..l + 1).collect();
-        Ok(Plan::ranges(&keep).note(format!("removed blocks {dropped:?}: the smallest relative update")))
+        Ok(Plan::without(layers, dropped)?.note(format!("removed blocks {dropped:?}: the smallest relative update")))
     }
 }
 
