@@ -4,7 +4,6 @@
 
 use crate::analyzers::AngularTable;
 use scalpel_sdk::prelude::*;
-use std::ops::Range;
 
 /// Settings of `drop-layers`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -49,7 +48,7 @@ impl Strategy for DropLayers {
             (None, true) => bail!("give `count` (how many blocks to remove, lowest `{}` first) or `layers` (which blocks to remove)", c.metric),
         };
         ensure!(removed.len() < layers, "removing {} of {layers} blocks would leave none", removed.len());
-        let plan = without(layers, &removed);
+        let plan = Plan::without(layers, &removed)?;
         Ok(plan.note(format!("removed blocks {removed:?} ({layers} -> {} layers): {why}", layers - removed.len())))
     }
 }
@@ -106,7 +105,7 @@ impl Strategy for PruneBlock {
         let best = table.best_start(n).ok_or_else(|| anyhow!("report `{}` has no distances for runs of {n} blocks", c.report))?;
         let end = best.start + n;
         let shown: Vec<String> = table.starts(n).iter().enumerate().map(|(l, d)| format!("{l}:{d:.4}")).collect();
-        Ok(without(layers, &(best.start..end).collect::<Vec<_>>()).note(format!(
+        Ok(Plan::without(layers, &(best.start..end).collect::<Vec<_>>())?.note(format!(
             "removed blocks {}..{end} ({layers} -> {} layers): the smallest angular distance d({}, {n}) = {:.4} between the input of \
              block {} and of block {end} (d(l, {n}) per start l: {})",
             best.start,
@@ -145,18 +144,6 @@ impl Strategy for RandomInit {
         plan.seed = c.seed;
         Ok(plan.note(format!("the same architecture with {layers} blocks, freshly initialised as transformers does (seed {})", c.seed)))
     }
-}
-
-/// Every block but `removed`, in order, as runs of kept blocks.
-fn without(layers: usize, removed: &[usize]) -> Plan {
-    let mut runs: Vec<Range<usize>> = Vec::new();
-    for l in (0..layers).filter(|l| !removed.contains(l)) {
-        match runs.last_mut() {
-            Some(r) if r.end == l => r.end += 1,
-            _ => runs.push(l..l + 1),
-        }
-    }
-    Plan::ranges(&runs)
 }
 
 scalpel_sdk::strategy! {
