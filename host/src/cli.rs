@@ -531,7 +531,7 @@ pub fn parse() -> Result<Job> {
                 grow_with,
                 grow_config: settings_table(&grow_sets)?,
             };
-            let calibration = calib.map(|file| Calibration { file, sequences: None, tokens: None, seed: 0, bos: false, precision: Precision::F32 });
+            let calibration = calib.map(Calibration::of);
             let step = Step::train(train);
             let recipe = Recipe { model: reference, data, val, output, calibration, device: cli.device.clone(), inheritune: Some(method), steps: vec![step], ..Recipe::default() };
             let out = OutputArgs { output: None, dry_run: false, force };
@@ -543,7 +543,7 @@ pub fn parse() -> Result<Job> {
             recipe.data = data.or(recipe.data);
             recipe.output = out.output.clone().or(recipe.output);
             if let Some(file) = calib {
-                let c = recipe.calibration.get_or_insert(Calibration { file: file.clone(), sequences: None, tokens: None, seed: 0, bos: false, precision: Precision::F32 });
+                let c = recipe.calibration.get_or_insert(Calibration::of(file.clone()));
                 c.file = file;
             }
             recipe.device = cli.device.clone().or(recipe.device);

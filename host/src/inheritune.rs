@@ -327,7 +327,7 @@ fn round_recipe(s: &Settings, state: &State, dir: &Path) -> Result<Recipe> {
                     // The strategy's own rule on the reference's profile (the analyzers it needs run first),
                     // L/2 when it finds nothing.
                     let file = s.calib.clone().unwrap_or_else(|| s.output.join("calibration.safetensors"));
-                    recipe.calibration = Some(Calibration { file, sequences: None, tokens: None, seed: 0, bos: false, precision: Default::default() });
+                    recipe.calibration = Some(Calibration::of(file));
                     if config.get("fallback").is_none() {
                         config["fallback"] = json!("half");
                     }

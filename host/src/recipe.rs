@@ -70,6 +70,13 @@ pub struct Calibration {
     pub precision: Precision,
 }
 
+impl Calibration {
+    /// `file` with every other setting at its default: what a calibration given only as a file means.
+    pub fn of(file: PathBuf) -> Self {
+        Calibration { file, sequences: None, tokens: None, seed: 0, bos: false, precision: Precision::F32 }
+    }
+}
+
 fn is_f32(p: &Precision) -> bool {
     *p == Precision::F32
 }
